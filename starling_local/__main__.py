@@ -1,0 +1,3 @@
+from starling_local.cli import main
+
+raise SystemExit(main())

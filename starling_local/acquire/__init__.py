@@ -1,0 +1,1 @@
+"""Getting models: GGUF checks, conversion, quantization (and, later, downloads)."""

@@ -1,0 +1,62 @@
+"""One reply to a conversation: template, context budget and engine together.
+
+The CLI and the TUI both go through `start_reply`, so a conversation renders to the same tokens
+whichever of them continues it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from starling_local.chat.context import FittedPrompt, fit_prompt
+from starling_local.chat.template import Message, PromptStyle
+from starling_local.engine.runtime import Engine, EngineStream, SamplingParams
+from starling_local.errors import UsageError
+
+
+@dataclass
+class Reply:
+    """A streaming reply and the prompt it answers."""
+
+    stream: EngineStream
+    prompt: FittedPrompt
+
+
+def build_prompt(
+    engine: Engine,
+    messages: Sequence[Message],
+    *,
+    system: str = "",
+    style: PromptStyle = PromptStyle(),
+    max_tokens: int = 1024,
+) -> FittedPrompt:
+    """The token-exact prompt for `messages`, trimmed to the engine's context window."""
+    if not messages or messages[-1].role != "user":
+        raise UsageError("a reply needs a conversation that ends with a user message")
+    if not messages[-1].content.strip():
+        raise UsageError("the message is empty")
+    return fit_prompt(
+        messages,
+        engine.tokenize_text,
+        n_ctx=engine.n_ctx,
+        reserve=max_tokens,
+        system=system,
+        style=style,
+    )
+
+
+def start_reply(
+    engine: Engine,
+    messages: Sequence[Message],
+    *,
+    system: str = "",
+    style: PromptStyle = PromptStyle(),
+    params: SamplingParams | None = None,
+    cancel: threading.Event | None = None,
+) -> Reply:
+    """Render, fit and start generating; iterate `reply.stream` for the text."""
+    params = params or SamplingParams()
+    prompt = build_prompt(engine, messages, system=system, style=style, max_tokens=params.max_tokens)
+    return Reply(engine.generate(prompt.tokens, params, cancel), prompt)

@@ -1,0 +1,136 @@
+"""`starling convert`, `starling quantize` and `starling doctor`."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from starling_local.errors import UsageError
+
+
+def register(sub: Any) -> None:
+    c = sub.add_parser(
+        "convert",
+        help="convert a Hugging Face safetensors checkpoint to GGUF (and quantize it)",
+    )
+    c.add_argument("source", help="checkpoint directory")
+    c.add_argument("--out", "-o", type=Path, help="output .gguf (default: in the models folder)")
+    c.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")
+    c.add_argument("--quant", help="quantize after converting, e.g. Q4_K_M, Q5_K_M, Q8_0")
+    c.add_argument("--keep-f16", action="store_true", help="keep the unquantized GGUF too")
+    c.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all)")
+    c.set_defaults(handler=run_convert)
+
+    q = sub.add_parser("quantize", help="quantize a GGUF with llama.cpp")
+    q.add_argument("input", type=Path)
+    q.add_argument("output", type=Path)
+    q.add_argument("--quant", default="Q4_K_M", help="quantization (default Q4_K_M)")
+    q.add_argument("--threads", type=int, default=0)
+    q.set_defaults(handler=run_quantize)
+
+    d = sub.add_parser("doctor", help="what this installation can do (GPU offload, paths, disk)")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(handler=run_doctor)
+
+
+def _progress(label: str) -> Any:
+    from starling_local.progress import ProgressLine
+
+    return ProgressLine(label)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from starling_local.acquire.pipeline import convert_and_quantize
+
+    out = convert_and_quantize(
+        Path(args.source),
+        out=args.out,
+        outtype=args.outtype,
+        quant=args.quant,
+        keep_intermediate=args.keep_f16,
+        n_threads=args.threads,
+        progress_factory=_progress,
+    )
+    print(out)
+    return 0
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from starling_local.acquire.quantize import normalize_quant, quantize
+
+    quant = normalize_quant(args.quant)
+    if args.output.exists() and args.output.is_dir():
+        raise UsageError(f"{args.output}: is a directory")
+    bar = _progress(f"Quantizing to {quant}")
+    try:
+        quantize(args.input, args.output, quant, args.threads, progress=bar)
+    finally:
+        bar.close()
+    print(args.output)
+    return 0
+
+
+GPU_HINT = (
+    "for GPU offload reinstall llama-cpp-python from source with a GPU backend: "
+    "CMAKE_ARGS=\"-DGGML_CUDA=on\" (NVIDIA) or \"-DGGML_METAL=on\" (Apple) "
+    "pip install --force-reinstall --no-cache-dir llama-cpp-python"
+)
+
+
+def doctor_report() -> dict[str, Any]:
+    """Facts about this installation, as `starling doctor --json` prints them."""
+    from starling_local import __version__
+    from starling_local.acquire.files import free_bytes
+    from starling_local.engine.system import backend, llama_cpp_version, physical_cores
+    from starling_local.paths import get_paths
+
+    paths = get_paths()
+    kind = backend()
+    return {
+        "starling_local": __version__,
+        "python": sys.version.split()[0],
+        "llama_cpp_python": llama_cpp_version(),
+        "backend": kind,
+        "gpu_offload": kind != "CPU",
+        "physical_cores": physical_cores(),
+        "logical_cpus": os.cpu_count(),
+        "paths": {
+            "data": str(paths.data),
+            "cache": str(paths.cache),
+            "config": str(paths.config),
+            "logs": str(paths.logs),
+            "models": str(paths.models),
+        },
+        "free_disk_bytes": free_bytes(paths.data),
+        "hint": None if kind != "CPU" else GPU_HINT,
+    }
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from starling_local.acquire.files import human_bytes
+
+    report = doctor_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    rows = [
+        ("starling-local", report["starling_local"]),
+        ("python", report["python"]),
+        ("llama-cpp-python", report["llama_cpp_python"]),
+        ("backend", report["backend"] + (" (GPU offload)" if report["gpu_offload"] else "")),
+        ("CPU threads", f"{report['physical_cores']} physical / {report['logical_cpus']} logical"),
+        *((f"{k} dir", v) for k, v in report["paths"].items()),
+        ("free disk", human_bytes(report["free_disk_bytes"])),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    if report["hint"]:
+        with contextlib.suppress(BrokenPipeError):
+            print(f"\nCPU only: {report['hint']}")
+    return 0

@@ -1,0 +1,1 @@
+"""The llama.cpp runtime (through llama-cpp-python)."""

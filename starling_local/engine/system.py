@@ -1,0 +1,151 @@
+"""What this machine and this llama-cpp-python build can do, and where llama.cpp logs go."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import platform
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+_log_lock = threading.Lock()
+_log_state: dict[str, Any] = {}
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (decoding gains nothing from SMT siblings)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:  # macOS, Windows
+        allowed = set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        sibling_file = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list")
+        if not sibling_file.exists():
+            sibling_file = sibling_file.with_name("thread_siblings_list")
+        try:
+            cores.add(sibling_file.read_text().strip())
+        except OSError:
+            cores.add(str(cpu))
+    if platform.system() == "Darwin":
+        import subprocess
+
+        try:
+            out = subprocess.run(
+                ["sysctl", "-n", "hw.perflevel0.physicalcpu"], capture_output=True, text=True
+            )
+            return max(1, int(out.stdout.strip()))
+        except (OSError, ValueError):
+            pass
+    return max(1, len(cores))
+
+
+def llama_cpp_version() -> str:
+    from importlib.metadata import version
+
+    return version("llama-cpp-python")
+
+
+def backend() -> str:
+    """`CUDA`, `Metal`, `Vulkan`, ... or `CPU`: the GPU backend compiled into llama.cpp."""
+    import llama_cpp
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return "CPU"
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace").upper()
+    for name, label in (
+        ("CUDA", "CUDA"),
+        ("METAL", "Metal"),
+        ("VULKAN", "Vulkan"),
+        ("HIP", "ROCm"),
+        ("SYCL", "SYCL"),
+    ):
+        if name in info:
+            return label
+    return "GPU"
+
+
+def route_llama_log(path: Path) -> None:
+    """Send llama.cpp's log lines to `path` (appending) instead of the terminal."""
+    import llama_cpp
+
+    with _log_lock:
+        if _log_state.get("path") == path:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        old = _log_state.get("file")
+        fh = path.open("a", encoding="utf-8", errors="replace")
+
+        @llama_cpp.llama_log_callback  # type: ignore[misc]
+        def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+            fh.write(text.decode("utf-8", "replace"))
+            if level in (2, 3):  # warnings and errors reach the file at once
+                fh.flush()
+
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        # The callback must outlive this call: ctypes does not keep it alive for C.
+        _log_state.update(path=path, file=fh, callback=callback)
+        if old is not None:
+            old.close()
+
+
+def last_log_error(path: Path, limit: int = 4096) -> str:
+    """The last error-looking line llama.cpp wrote, to explain a failed load."""
+    try:
+        with path.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - limit))
+            tail = fh.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return ""
+    for line in reversed(tail):
+        low = line.lower()
+        if "error" in low or "failed" in low or "invalid" in low:
+            return line.strip()
+    return ""
+
+
+def extra_buffers_enabled() -> bool:
+    """Whether llama.cpp may use its extra CPU buffer types (AMX, weight repacking).
+
+    ggml's AMX kernels die with SIGILL ("Illegal instruction") on virtual machines that advertise
+    AMX without enabling it, and a build made with -march=native on such a CPU always contains
+    them. So when the build has AMX, extra buffers are off unless STARLING_CPU_EXTRA_BUFFERS=1.
+    """
+    setting = os.environ.get("STARLING_CPU_EXTRA_BUFFERS", "auto").lower()
+    if setting in ("1", "on", "true", "yes"):
+        return True
+    if setting in ("0", "off", "false", "no"):
+        return False
+    import llama_cpp
+
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    return "AMX_INT8 = 1" not in info
+
+
+@contextlib.contextmanager
+def model_defaults(**fields: Any) -> Iterator[None]:
+    """Make `llama_model_default_params()` return `fields` changed while the block runs.
+
+    llama-cpp-python's `Llama` builds its model parameters from that function and exposes no
+    argument for some of them (`use_extra_bufts`).
+    """
+    import llama_cpp.llama_cpp as low
+
+    original = low.llama_model_default_params
+
+    def patched() -> Any:
+        params = original()
+        for key, value in fields.items():
+            setattr(params, key, value)
+        return params
+
+    with _log_lock:
+        low.llama_model_default_params = patched
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original

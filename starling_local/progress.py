@@ -17,7 +17,9 @@ def _clock(seconds: float) -> str:
 class ProgressLine:
     """`label  45% [#########-----------] 1.2 GiB / 2.6 GiB  120 MiB/s  ETA 0:00:12  detail`."""
 
-    def __init__(self, label: str, stream: TextIO | None = None, enabled: bool | None = None) -> None:
+    def __init__(
+        self, label: str, stream: TextIO | None = None, enabled: bool | None = None
+    ) -> None:
         self.label = label
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled

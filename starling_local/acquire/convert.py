@@ -93,11 +93,10 @@ class Hyperparams:
 def permute_qk(weight: npt.NDArray[np.float32], n_heads: int) -> npt.NDArray[np.float32]:
     """Hugging Face's rotate-half Q/K rows to llama.cpp's interleaved RoPE layout."""
     rows, cols = weight.shape
-    return (
-        weight.reshape(n_heads, 2, rows // n_heads // 2, cols)
-        .swapaxes(1, 2)
-        .reshape(rows, cols)
+    out: npt.NDArray[np.float32] = (
+        weight.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
     )
+    return out
 
 
 # --- vocabulary ------------------------------------------------------------------------------

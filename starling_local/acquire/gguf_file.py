@@ -9,7 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from starling_local.acquire.gguf_header import GGML_TYPE_NAMES, GGML_TYPE_SIZES, HeaderError, read_header
+from starling_local.acquire.gguf_header import (
+    GGML_TYPE_NAMES,
+    GGML_TYPE_SIZES,
+    HeaderError,
+    read_header,
+)
 from starling_local.chat.template import END_OF_TURN, END_OF_TURN_ID
 from starling_local.errors import StarlingError
 
@@ -176,7 +181,9 @@ def read_gguf(path: str | Path) -> GGUFInfo:
         special_tokens=special,
         tensor_count=len(header.tensors),
         n_params=sum(t.n_elements for t in header.tensors),
-        tensor_types=sorted({GGML_TYPE_NAMES.get(t.ggml_type, str(t.ggml_type)) for t in header.tensors}),
+        tensor_types=sorted(
+            {GGML_TYPE_NAMES.get(t.ggml_type, str(t.ggml_type)) for t in header.tensors}
+        ),
         name=f.get("general.name"),
     )
 

@@ -66,6 +66,11 @@ class GGUFHeader:
     tensors: list[TensorEntry] = field(default_factory=list)
     data_offset: int = 0
     fields_end: int = 0  # where the tensor table starts
+    tensors_end: int = 0  # where the tensor table ends (before alignment padding)
+    alignment: int = 32
+    spans: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """key -> (start, end) byte offsets of its whole key/value entry."""
+    value_types: dict[str, int] = field(default_factory=dict)
 
 
 class _Reader:
@@ -137,9 +142,12 @@ def read_header(path: Path) -> GGUFHeader:
             raise HeaderError("counts out of range")
         header = GGUFHeader(version=version)
         for _ in range(n_kv):
+            start = raw_fh.tell()
             key = r.string()
             vtype = r.unpack("<I")
             header.fields[key] = r.value(vtype, key)
+            header.spans[key] = (start, raw_fh.tell())
+            header.value_types[key] = vtype
         header.fields_end = raw_fh.tell()
         for _ in range(n_tensors):
             name = r.string()
@@ -150,7 +158,31 @@ def read_header(path: Path) -> GGUFHeader:
             ggml_type = r.unpack("<I")
             offset = r.unpack("<Q")
             header.tensors.append(TensorEntry(name, shape, ggml_type, offset))
-        alignment = header.fields.get("general.alignment", 32) or 32
+        alignment = int(header.fields.get("general.alignment", 32) or 32)
         pos = raw_fh.tell()
+        header.tensors_end = pos
+        header.alignment = alignment
         header.data_offset = pos + (-pos % alignment)
     return header
+
+
+def encode_string(text: str) -> bytes:
+    data = text.encode("utf-8")
+    return struct.pack("<Q", len(data)) + data
+
+
+def encode_entry(key: str, value: Any, vtype: int) -> bytes:
+    """One key/value entry in GGUF's encoding (scalars, strings, arrays of scalars)."""
+    out = encode_string(key) + struct.pack("<I", vtype)
+    if vtype in _SCALARS:
+        return out + struct.pack(_SCALARS[vtype], value)
+    if vtype == _STRING:
+        return out + encode_string(value)
+    if vtype == _ARRAY:
+        items = list(value)
+        itype = 5 if all(isinstance(v, int) for v in items) else _STRING
+        out += struct.pack("<IQ", itype, len(items))
+        if itype == _STRING:
+            return out + b"".join(encode_string(v) for v in items)
+        return out + struct.pack(f"<{len(items)}i", *items)
+    raise HeaderError(f"{key}: cannot encode value type {vtype}")

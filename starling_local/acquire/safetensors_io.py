@@ -55,8 +55,9 @@ class TensorRef:
             if self.dtype == "BF16":
                 wide = raw.astype(np.uint32)
                 wide <<= 16
-                return wide.view(np.float32)
-            return np.asarray(raw, dtype=np.float32).copy()
+                out: npt.NDArray[np.float32] = wide.view(np.float32)
+                return out
+            return np.array(raw, dtype=np.float32)
         finally:
             del raw
 
@@ -83,7 +84,9 @@ def read_header(path: Path) -> dict[str, TensorRef]:
         start, end = spec["data_offsets"]
         if base + end > size:
             raise SafetensorsError(f"{path}: truncated (tensor {name} ends past the file)")
-        refs[name] = TensorRef(path, name, spec["dtype"], tuple(spec["shape"]), base + start, end - start)
+        refs[name] = TensorRef(
+            path, name, spec["dtype"], tuple(spec["shape"]), base + start, end - start
+        )
     return refs
 
 
@@ -125,7 +128,11 @@ def write_safetensors(
     offset = 0
     for name, dtype, shape in specs:
         nbytes = int(np.prod(shape)) * np.dtype(_DTYPES[dtype]).itemsize
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)

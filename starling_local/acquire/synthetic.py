@@ -143,6 +143,26 @@ def random_weight(name: str, shape: tuple[int, ...], seed: int) -> npt.NDArray[n
     return values.reshape(shape)
 
 
+_STEER = 8.0
+
+
+def _steer_end_of_turn(
+    name: str, weight: npt.NDArray[np.float32], logit: float
+) -> npt.NDArray[np.float32]:
+    if name == "model.embed_tokens.weight":
+        weight = weight.copy()
+        weight[:, 0] = _STEER
+    elif name == "lm_head.weight":
+        weight = weight.copy()
+        weight[:, 0] = 0.0
+        weight[ADDED_TOKENS["<|end_of_turn|>"]] = 0.0
+        # After RMSNorm, dimension 0 is about _STEER / rms(x) ~ sqrt(hidden) * 0.44.
+        weight[ADDED_TOKENS["<|end_of_turn|>"], 0] = logit / (
+            _STEER / np.sqrt(1 + _STEER**2 / weight.shape[1])
+        )
+    return weight
+
+
 def write_tokenizer_files(outdir: Path) -> None:
     """Starling's tokenizer files, alpha's stray `<sep>` sep_token included."""
     shutil.copyfile(mistral_tokenizer_model(), outdir / "tokenizer.model")
@@ -160,8 +180,14 @@ def write_tokenizer_files(outdir: Path) -> None:
         )
     )
     decoder = {
-        str(i): {"content": text, "special": True, "lstrip": False, "rstrip": False,
-                 "normalized": False, "single_word": False}
+        str(i): {
+            "content": text,
+            "special": True,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "single_word": False,
+        }
         for text, i in {"<unk>": 0, "<s>": 1, "</s>": 2, **ADDED_TOKENS}.items()
     }
     (outdir / "tokenizer_config.json").write_text(
@@ -194,9 +220,15 @@ def make_checkpoint(
     *,
     seed: int = 0,
     shards: int = 2,
+    eot_logit: float | None = None,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Path:
-    """Write a Starling-shaped Hugging Face checkpoint (bf16 safetensors, sharded, indexed)."""
+    """Write a Starling-shaped Hugging Face checkpoint (bf16 safetensors, sharded, indexed).
+
+    `eot_logit` makes a model that ends its turns: hidden dimension 0 is held large in every
+    embedding and `<|end_of_turn|>`'s output row reads only that dimension, so the logit of
+    id 32000 sits near `eot_logit` at every position (random logits are about N(0, 1)).
+    """
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "config.json").write_text(json.dumps(hf_config(shape), indent=2))
     (outdir / "generation_config.json").write_text(
@@ -208,18 +240,23 @@ def make_checkpoint(
     per = -(-len(specs) // shards)
     weight_map: dict[str, str] = {}
     total = sum(int(np.prod(s)) * 2 for _, s in specs)
+    shapes = dict(specs)
     done = 0
+
+    def produce(name: str) -> Any:
+        nonlocal done
+        weight = random_weight(name, shapes[name], seed)
+        if eot_logit is not None:
+            weight = _steer_end_of_turn(name, weight, eot_logit)
+        bits = to_bf16_bits(weight)
+        done += bits.nbytes
+        if progress:
+            progress(done, total, name)
+        return bits
+
     for k in range(shards):
         part = specs[k * per : (k + 1) * per]
         fname = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-
-        def produce(name: str, _shapes: dict[str, tuple[int, ...]] = dict(part)) -> Any:
-            nonlocal done
-            bits = to_bf16_bits(random_weight(name, _shapes[name], seed))
-            done += bits.nbytes
-            if progress:
-                progress(done, total, name)
-            return bits
 
         write_safetensors(outdir / fname, [(n, "BF16", s) for n, s in part], produce)
         weight_map.update({n: fname for n, _ in part})

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from starling_local.chat.template import (
     BOS_ID,
+    DEFAULT_STYLE,
     Message,
     PromptStyle,
     Tokenize,
@@ -50,7 +51,7 @@ def fit_prompt(
     n_ctx: int,
     reserve: int,
     system: str = "",
-    style: PromptStyle = PromptStyle(),
+    style: PromptStyle = DEFAULT_STYLE,
 ) -> FittedPrompt:
     """Render `messages` (the last one is the current message) into at most `n_ctx - reserve`
     tokens, dropping the oldest whole turns as needed.
@@ -61,7 +62,10 @@ def fit_prompt(
     if not messages:
         raise ValueError("a prompt needs at least one message")
     reserve = max(MIN_REPLY_TOKENS, min(reserve, n_ctx // 2))
-    head = [BOS_ID, *segments_to_tokens(system_segments(system, style.mode, style.policy), tokenize)]
+    head = [
+        BOS_ID,
+        *segments_to_tokens(system_segments(system, style.mode, style.policy), tokenize),
+    ]
     tail = segments_to_tokens(generation_prompt(style.mode), tokenize)
     bodies = [segments_to_tokens(message_segments(m, style.mode), tokenize) for m in messages]
 

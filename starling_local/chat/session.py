@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from starling_local.chat.context import FittedPrompt, fit_prompt
-from starling_local.chat.template import Message, PromptStyle
+from starling_local.chat.template import DEFAULT_STYLE, Message, PromptStyle
 from starling_local.engine.runtime import Engine, EngineStream, SamplingParams
 from starling_local.errors import UsageError
 
@@ -29,7 +29,7 @@ def build_prompt(
     messages: Sequence[Message],
     *,
     system: str = "",
-    style: PromptStyle = PromptStyle(),
+    style: PromptStyle = DEFAULT_STYLE,
     max_tokens: int = 1024,
 ) -> FittedPrompt:
     """The token-exact prompt for `messages`, trimmed to the engine's context window."""
@@ -52,11 +52,13 @@ def start_reply(
     messages: Sequence[Message],
     *,
     system: str = "",
-    style: PromptStyle = PromptStyle(),
+    style: PromptStyle = DEFAULT_STYLE,
     params: SamplingParams | None = None,
     cancel: threading.Event | None = None,
 ) -> Reply:
     """Render, fit and start generating; iterate `reply.stream` for the text."""
     params = params or SamplingParams()
-    prompt = build_prompt(engine, messages, system=system, style=style, max_tokens=params.max_tokens)
+    prompt = build_prompt(
+        engine, messages, system=system, style=style, max_tokens=params.max_tokens
+    )
     return Reply(engine.generate(prompt.tokens, params, cancel), prompt)

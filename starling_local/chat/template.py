@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Literal, Union
+from typing import Literal
 
 BOS_ID = 1
 EOS_ID = 2
@@ -27,7 +27,7 @@ Role = Literal["system", "user", "assistant"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant")
 
 #: A piece of a prompt: text to tokenize as plain text, or a special token id.
-Segment = Union[str, int]
+Segment = str | int
 Tokenize = Callable[[str], list[int]]
 
 
@@ -141,7 +141,12 @@ class PromptStyle:
     policy: SystemPolicy = SystemPolicy.NATIVE
 
 
-def render_text(messages: Sequence[Message], system: str = "", style: PromptStyle = PromptStyle()) -> str:
+DEFAULT_STYLE = PromptStyle()
+
+
+def render_text(
+    messages: Sequence[Message], system: str = "", style: PromptStyle = DEFAULT_STYLE
+) -> str:
     """Render a conversation, ready for the reply, to the exact prompt text."""
     return segments_to_text(
         render_segments(messages, mode=style.mode, system=system, policy=style.policy)
@@ -152,7 +157,7 @@ def render_tokens(
     messages: Sequence[Message],
     tokenize: Tokenize,
     system: str = "",
-    style: PromptStyle = PromptStyle(),
+    style: PromptStyle = DEFAULT_STYLE,
 ) -> list[int]:
     """Render a conversation, ready for the reply, to the exact prompt token ids."""
     return segments_to_tokens(

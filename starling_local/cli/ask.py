@@ -81,7 +81,11 @@ def run_ask(args: argparse.Namespace) -> int:
     )
     cancel = threading.Event()
     reply = start_reply(
-        engine, [Message("user", text)], system=args.system, style=_style(args), params=params,
+        engine,
+        [Message("user", text)],
+        system=args.system,
+        style=_style(args),
+        params=params,
         cancel=cancel,
     )
     if reply.prompt.dropped_messages:
@@ -153,7 +157,10 @@ def run_render(args: argparse.Namespace) -> int:
     messages = parse_messages(read_stdin_text("messages"))
     style = _style(args)
     segments = render_segments(
-        messages, mode=style.mode, system=args.system, policy=style.policy,
+        messages,
+        mode=style.mode,
+        system=args.system,
+        policy=style.policy,
         add_generation_prompt=not messages or messages[-1].role != "assistant",
     )
     if not args.tokens:

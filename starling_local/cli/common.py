@@ -21,8 +21,12 @@ def add_model_option(parser: argparse.ArgumentParser, required: bool = False) ->
 
 def add_engine_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
-    group.add_argument("--ctx", type=int, default=None, help="context window in tokens (default 8192)")
-    group.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    group.add_argument(
+        "--ctx", type=int, default=None, help="context window in tokens (default 8192)"
+    )
+    group.add_argument(
+        "--threads", type=int, default=None, help="CPU threads (default: physical cores)"
+    )
     group.add_argument(
         "--gpu-layers",
         type=int,

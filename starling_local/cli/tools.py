@@ -77,7 +77,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
 GPU_HINT = (
     "for GPU offload reinstall llama-cpp-python from source with a GPU backend: "
-    "CMAKE_ARGS=\"-DGGML_CUDA=on\" (NVIDIA) or \"-DGGML_METAL=on\" (Apple) "
+    'CMAKE_ARGS="-DGGML_CUDA=on" (NVIDIA) or "-DGGML_METAL=on" (Apple) '
     "pip install --force-reinstall --no-cache-dir llama-cpp-python"
 )
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import codecs
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -95,6 +95,27 @@ class EngineStream:
         return self.text
 
 
+class ReplyDecoder:
+    """Token ids -> reply text: only whole UTF-8 characters (a character may span several byte
+    tokens), without the leading space the template's `Assistant:` leaves to the model."""
+
+    def __init__(self, piece: Callable[[int], bytes]) -> None:
+        self._piece = piece
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._started = False
+
+    def push(self, token: int) -> str:
+        text: str = self._utf8.decode(self._piece(token))
+        if not self._started:
+            text = text.lstrip()
+            self._started = bool(text)
+        return text
+
+    def flush(self) -> str:
+        text: str = self._utf8.decode(b"", final=True)
+        return text if self._started else text.lstrip()
+
+
 class Engine:
     """One loaded model and its llama.cpp context. One generation at a time."""
 
@@ -153,11 +174,15 @@ class Engine:
         """Tokenize as plain text: no BOS, special-token texts stay text."""
         return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
+    def reply_decoder(self) -> ReplyDecoder:
+        """A decoder of this model's reply tokens."""
+        return ReplyDecoder(lambda token: bytes(self._llm.detokenize([token])))
+
     def cached_prefix(self, tokens: Sequence[int]) -> int:
         """How many leading `tokens` are already in the KV cache."""
         llm = self._llm
         n = 0
-        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens):
+        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens, strict=False):
             if a != b:
                 break
             n += 1
@@ -195,9 +220,8 @@ class Engine:
         stats = stream.stats
         llm = self._llm
         budget = min(params.max_tokens, self.n_ctx - len(tokens))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        decoder = self.reply_decoder()
         stop_ids = self._stop_ids
-        started = False  # the reply's leading whitespace is the template's, not the model's
         with self._lock:
             llm.set_seed(RANDOM_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
             t0 = time.perf_counter()
@@ -228,18 +252,15 @@ class Engine:
                     stats.completion_tokens += 1
                     stats.decode_s = now - t_first
                     stream.token_ids.append(token)
-                    text = decoder.decode(llm.detokenize([token]))
-                    if not started:
-                        text = text.lstrip()
-                        started = bool(text)
+                    text = decoder.push(token)
                     if text:
                         yield text
                     if stats.completion_tokens >= budget:
                         break
             finally:
                 generator.close()
-            tail = decoder.decode(b"", final=True)
-            if tail and started:
+            tail = decoder.flush()
+            if tail:
                 yield tail
 
     def close(self) -> None:

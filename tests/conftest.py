@@ -1,0 +1,99 @@
+"""Shared fixtures: the tiny Starling-shaped models, built and converted once per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from starling_local.acquire.convert import OutType, convert_checkpoint
+from starling_local.acquire.gguf_edit import rewrite_metadata
+from starling_local.acquire.quantize import quantize
+from starling_local.acquire.synthetic import make_checkpoint
+from starling_local.engine.runtime import Engine
+
+#: The `<|end_of_turn|>` logit of the "eager" model: it ends a greedy reply after ~15 tokens.
+EAGER_EOT_LOGIT = 5.0
+
+
+@pytest.fixture(autouse=True)
+def starling_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Every test gets its own STARLING_HOME: nothing touches the user's real data."""
+    home = tmp_path_factory.mktemp("starling-home")
+    monkeypatch.setenv("STARLING_HOME", str(home))
+    monkeypatch.delenv("STARLING_MODEL", raising=False)
+    return home
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("models")
+    os.environ.setdefault("STARLING_HOME", str(path / "home"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(models_dir: Path) -> Path:
+    """The tiny Hugging Face checkpoint, written by the project's own script."""
+    out = models_dir / "tiny-starling"
+    subprocess.run(
+        [sys.executable, "scripts/make_tiny_starling.py", str(out)],
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_f32(models_dir: Path, tiny_checkpoint: Path) -> Path:
+    return convert_checkpoint(tiny_checkpoint, models_dir / "tiny-f32.gguf", OutType.F32)
+
+
+@pytest.fixture(scope="session")
+def tiny_f16(models_dir: Path, tiny_checkpoint: Path) -> Path:
+    return convert_checkpoint(tiny_checkpoint, models_dir / "tiny-f16.gguf", OutType.F16)
+
+
+@pytest.fixture(scope="session")
+def tiny_q4(models_dir: Path, tiny_f16: Path) -> Path:
+    return quantize(tiny_f16, models_dir / "tiny-q4_k_m.gguf", "Q4_K_M")
+
+
+@pytest.fixture(scope="session")
+def eager_gguf(models_dir: Path) -> Path:
+    """A tiny model that ends its turns with <|end_of_turn|> after a few tokens."""
+    ckpt = make_checkpoint(models_dir / "eager-starling", eot_logit=EAGER_EOT_LOGIT, seed=7)
+    return convert_checkpoint(ckpt, models_dir / "eager-f16.gguf", OutType.F16)
+
+
+@pytest.fixture(scope="session")
+def eager_eos2_gguf(models_dir: Path, eager_gguf: Path) -> Path:
+    """The eager model as many third-party Starling GGUFs are: eos 2 (`</s>`), no template."""
+    return rewrite_metadata(
+        eager_gguf,
+        models_dir / "eager-eos2.gguf",
+        {"tokenizer.ggml.eos_token_id": 2},
+        remove={"tokenizer.ggml.eot_token_id", "tokenizer.chat_template"},
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_q4: Path) -> Iterator[Engine]:
+    eng = Engine(tiny_q4, n_ctx=2048)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="session")
+def vocab(tiny_f16: Path) -> Iterator[Engine]:
+    """llama.cpp's tokenizer for the tiny model (vocabulary only)."""
+    eng = Engine(tiny_f16, vocab_only=True)
+    yield eng
+    eng.close()

@@ -1,0 +1,208 @@
+"""The command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.cli_helpers import assert_one_line_error, starling
+
+CARD_SINGLE = [
+    1,
+    420,
+    6316,
+    28781,
+    3198,
+    3123,
+    1247,
+    28747,
+    22557,
+    32000,
+    420,
+    6316,
+    28781,
+    3198,
+    3123,
+    21631,
+    28747,
+]
+
+
+def test_ask_json(tiny_q4: Path, starling_home: Path) -> None:
+    r = starling(
+        "ask",
+        "Hello",
+        "--model",
+        tiny_q4,
+        "--json",
+        "--max-tokens",
+        "8",
+        "--temperature",
+        "0",
+        home=starling_home,
+    )
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert set(out) >= {
+        "reply",
+        "stop_reason",
+        "prompt_tokens",
+        "completion_tokens",
+        "ttft_s",
+        "decode_tokens_per_s",
+    }
+    assert out["stop_reason"] == "length"
+    assert out["prompt_tokens"] == 17 and out["completion_tokens"] == 8
+    assert r.stderr == ""  # llama.cpp's log went to the log file
+    assert (starling_home / "logs" / "llama.log").stat().st_size > 0
+
+
+def test_ask_reads_stdin_and_streams_text(eager_gguf: Path, starling_home: Path) -> None:
+    r = starling(
+        "ask", "--model", eager_gguf, "--temperature", "0", stdin="Hello\n", home=starling_home
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "<|end_of_turn|>" not in r.stdout
+    j = starling(
+        "ask",
+        "-",
+        "--model",
+        eager_gguf,
+        "--temperature",
+        "0",
+        "--json",
+        stdin="Hello",
+        home=starling_home,
+    )
+    out = json.loads(j.stdout)
+    assert out["stop_reason"] == "end_of_turn"
+    assert out["reply"] == r.stdout.strip()
+
+
+def test_ask_with_system_and_code_mode(tiny_q4: Path, starling_home: Path) -> None:
+    r = starling(
+        "ask",
+        "Sort a list",
+        "--model",
+        tiny_q4,
+        "--mode",
+        "code",
+        "--system",
+        "Be terse",
+        "--json",
+        "--max-tokens",
+        "4",
+        home=starling_home,
+    )
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["completion_tokens"] == 4
+
+
+def test_ask_ctrl_c_stops_cleanly(tiny_q4: Path, starling_home: Path) -> None:
+    env = dict(os.environ, STARLING_HOME=str(starling_home))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "starling_local",
+            "ask",
+            "Go on and on",
+            "--model",
+            str(tiny_q4),
+            "--max-tokens",
+            "100000",
+            "--temperature",
+            "0",
+            "--stats",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    assert proc.stdout is not None
+    first = proc.stdout.read(1)  # the reply has started streaming
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert first and proc.returncode == 130
+    assert "Traceback" not in err
+    assert "stop: cancelled" in err
+
+
+def test_render_text_and_tokens(tiny_f16: Path) -> None:
+    messages = json.dumps([{"role": "user", "content": "Hello"}])
+    r = starling("render", stdin=messages)
+    assert r.returncode == 0
+    assert r.stdout == "<s>GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct Assistant:\n"
+    t = starling("render", "--tokens", "--model", tiny_f16, stdin=messages)
+    assert t.returncode == 0, t.stderr
+    assert json.loads(t.stdout) == CARD_SINGLE
+
+
+def test_render_rejects_bad_json() -> None:
+    assert_one_line_error(starling("render", stdin="{nope"), 2, "not JSON")
+    assert_one_line_error(
+        starling("render", stdin='[{"role": "robot", "content": "x"}]'), 2, "role must be"
+    )
+
+
+def test_doctor_json() -> None:
+    r = starling("doctor", "--json")
+    assert r.returncode == 0
+    report = json.loads(r.stdout)
+    assert report["backend"] in ("CPU", "CUDA", "Metal", "Vulkan", "ROCm", "SYCL", "GPU")
+    assert report["physical_cores"] >= 1
+    assert report["free_disk_bytes"] > 0
+    assert set(report["paths"]) == {"data", "cache", "config", "logs", "models"}
+    if report["backend"] == "CPU":
+        assert "CMAKE_ARGS" in report["hint"]
+
+
+def test_convert_and_quantize_commands(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.gguf"
+    r = starling("convert", tiny_checkpoint, "--out", out, "--quant", "q8_0")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # intermediate removed
+    kept = tmp_path / "k.gguf"
+    r = starling("convert", tiny_checkpoint, "--out", kept, "--quant", "Q4_0", "--keep-f16")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "k.f16.gguf").exists()
+    q = starling("quantize", tmp_path / "k.f16.gguf", tmp_path / "q.gguf", "--quant", "Q5_K_M")
+    assert q.returncode == 0, q.stderr
+    assert q.stderr == ""  # llama.cpp's quantizer log went to the log file
+
+
+def test_errors_are_one_line(tmp_path: Path, tiny_q4: Path) -> None:
+    missing = tmp_path / "missing.gguf"
+    assert_one_line_error(starling("ask", "hi", "--model", missing), 2, "no such model")
+    notgguf = tmp_path / "notes.gguf"
+    notgguf.write_text("hello")
+    assert_one_line_error(starling("ask", "hi", "--model", notgguf), 1, "not a GGUF file")
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(tiny_q4.read_bytes()[:300_000])
+    assert_one_line_error(starling("ask", "hi", "--model", cut), 1, "truncated")
+    assert_one_line_error(
+        starling("quantize", tiny_q4, tmp_path / "x.gguf", "--quant", "Q3_X"),
+        2,
+        "unknown quantization",
+    )
+    assert_one_line_error(
+        starling("convert", tmp_path, "--out", tmp_path / "y.gguf"), 1, "config.json"
+    )
+    assert_one_line_error(starling("ask", "hi"), 2, "no model given")
+    assert_one_line_error(starling("ask", "  ", "--model", tiny_q4), 2, "empty")
+
+
+def test_help_is_fast_and_imports_nothing_heavy() -> None:
+    code = (
+        "import sys, starling_local.cli as c\n"
+        "heavy = {'llama_cpp', 'textual', 'huggingface_hub', 'gguf', 'numpy'} & set(sys.modules)\n"
+        "print(sorted(heavy))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"

@@ -59,3 +59,38 @@ def rewrite_metadata(
             fin.seek(header.data_offset)
             shutil.copyfileobj(fin, fout, 16 << 20)
     return dst
+
+
+def fix_starling_gguf(src: Path, dst: Path) -> list[str]:
+    """Write a copy of `src` with the known Starling defects corrected; return what changed."""
+    from starling_local.acquire.gguf_file import OPENCHAT_TEMPLATE, GGUFError, check_runnable
+    from starling_local.chat.template import END_OF_TURN, END_OF_TURN_ID, PAD_ID
+
+    info = check_runnable(src)
+    if info.special_tokens.get(END_OF_TURN_ID, ("", ""))[0] != END_OF_TURN:
+        raise GGUFError(f"{src}: token 32000 is not <|end_of_turn|>: not a Starling/OpenChat model")
+    header = read_header(src)
+    changes: dict[str, Any] = {}
+    done = []
+    if info.eos_id != END_OF_TURN_ID:
+        changes["tokenizer.ggml.eos_token_id"] = END_OF_TURN_ID
+        done.append(f"eos {info.eos_id} -> 32000")
+    if info.eot_id != END_OF_TURN_ID:
+        changes["tokenizer.ggml.eot_token_id"] = END_OF_TURN_ID
+        done.append("eot -> 32000")
+    if not info.template_ok:
+        changes["tokenizer.chat_template"] = OPENCHAT_TEMPLATE
+        done.append("chat template -> OpenChat 3.5")
+    types = header.fields.get("tokenizer.ggml.token_type")
+    if types is not None:
+        fixed = list(types)
+        for token_id in (END_OF_TURN_ID, PAD_ID):
+            if token_id < len(fixed) and fixed[token_id] != 3:
+                fixed[token_id] = 3
+                done.append(f"token {token_id} -> CONTROL")
+        if fixed != types:
+            changes["tokenizer.ggml.token_type"] = fixed
+    if not done:
+        return []
+    rewrite_metadata(src, dst, changes)
+    return done

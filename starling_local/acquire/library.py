@@ -1,20 +1,149 @@
-"""Turning what the user typed after `--model` into a GGUF file on disk."""
+"""The local model library: what has been pulled or converted, and turning `--model` into a path.
+
+Kept as a small JSON file in the data directory, written atomically under a lock, so that a
+model name resolves to its file with no network at all.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
 from pathlib import Path
 
-from starling_local.errors import UsageError
+from starling_local.acquire.catalog import CATALOG, DEFAULT_MODEL, is_catalog_name, parse_model_ref
+from starling_local.errors import StarlingError, UsageError
+from starling_local.paths import ensure, get_paths
+
+
+@dataclass
+class LibraryEntry:
+    """One local model."""
+
+    name: str  # `starling-lm-7b-alpha:Q4_K_M`, or a file stem for local files
+    path: str
+    quant: str
+    size: int
+    sha256: str | None
+    verified: bool
+    source: str  # "huggingface", "modelscope", "converted", "local"
+    repo: str | None = None
+    revision: str | None = None
+    filename: str | None = None
+    added: str = ""
+
+    @property
+    def exists(self) -> bool:
+        return Path(self.path).is_file()
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+class ModelLibrary:
+    """Read and change the library file."""
+
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path or get_paths().data / "models.json"
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        ensure(self.path.parent)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield
+
+    def entries(self) -> list[LibraryEntry]:
+        try:
+            raw = json.loads(self.path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return []
+        except (OSError, json.JSONDecodeError) as exc:
+            raise StarlingError(f"{self.path}: unreadable model library ({exc})") from exc
+        known = {f.name for f in fields(LibraryEntry)}
+        return [LibraryEntry(**{k: v for k, v in item.items() if k in known}) for item in raw]
+
+    def _write(self, entries: list[LibraryEntry]) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps([asdict(e) for e in entries], indent=2), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def add(self, entry: LibraryEntry) -> LibraryEntry:
+        """Register `entry`, replacing any entry of the same name."""
+        entry.added = entry.added or now_iso()
+        with self._locked():
+            entries = [e for e in self.entries() if e.name != entry.name]
+            entries.append(entry)
+            self._write(entries)
+        return entry
+
+    def find(self, name: str) -> LibraryEntry | None:
+        """An entry by exact name, or by model name alone (`starling-lm-7b-alpha`), preferring
+        the default quantization, then the newest."""
+        entries = [e for e in self.entries() if e.exists]
+        lowered = name.lower()
+        for e in entries:
+            if e.name.lower() == lowered:
+                return e
+        if ":" in name:
+            return None
+        matches = [e for e in entries if e.name.lower().split(":", 1)[0] == lowered]
+        if not matches:
+            return None
+        preferred = [e for e in matches if e.quant == "Q4_K_M"]
+        return (preferred or sorted(matches, key=lambda e: e.added))[-1]
+
+    def remove(self, name: str) -> LibraryEntry:
+        """Unregister a model and delete its file (and, for Hub files, the cached blob)."""
+        with self._locked():
+            entries = self.entries()
+            match = next((e for e in entries if e.name.lower() == name.lower()), None)
+            if match is None:
+                raise UsageError(f"no model named {name!r} in the library (see `starling models`)")
+            path = Path(match.path)
+            with contextlib.suppress(FileNotFoundError):
+                if path.is_symlink():
+                    path.resolve().unlink()
+                path.unlink()
+            self._write([e for e in entries if e is not match])
+        return match
 
 
 def resolve_model_spec(spec: str | None) -> Path:
-    """A model path (or, once pulled, a model name) -> an existing GGUF path."""
+    """A `--model` value -> an existing GGUF path, without touching the network.
+
+    Accepts a path, a library name (`starling-lm-7b-beta:Q5_K_M` or `starling-lm-7b-beta`), or
+    nothing (the library's default model).
+    """
+    library = ModelLibrary()
     if not spec:
-        raise UsageError(
-            "no model given: pass --model PATH.gguf (or set STARLING_MODEL); "
-            "`starling convert` makes one from a checkpoint"
-        )
+        entry = library.find(DEFAULT_MODEL) or _newest(library)
+        if entry is None:
+            raise UsageError(
+                "no model yet: run `starling pull` to download Starling-LM-7B-alpha (Q4_K_M), "
+                "or pass --model PATH.gguf"
+            )
+        return Path(entry.path)
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    raise UsageError(f"no such model: {spec}")
+    entry = library.find(spec)
+    if entry is not None:
+        return Path(entry.path)
+    if is_catalog_name(spec):
+        ref = parse_model_ref(spec)
+        raise UsageError(f"{ref.key} is not downloaded yet: run `starling pull {ref.key}`")
+    if spec.endswith(".gguf") and spec.count("/") >= 2:
+        raise UsageError(f"{spec} is not downloaded yet: run `starling pull {spec}`")
+    known = ", ".join(CATALOG)
+    raise UsageError(f"no such model or file: {spec} (catalog names: {known})")
+
+
+def _newest(library: ModelLibrary) -> LibraryEntry | None:
+    entries = [e for e in library.entries() if e.exists]
+    return max(entries, key=lambda e: e.added) if entries else None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starling_local.acquire.convert import OutType, convert_checkpoint
 from starling_local.acquire.files import partial_path
@@ -13,7 +15,121 @@ from starling_local.acquire.quantize import normalize_quant, quantize
 from starling_local.errors import UsageError
 from starling_local.paths import ensure, get_paths
 
+if TYPE_CHECKING:
+    from starling_local.acquire.library import LibraryEntry
+
 ProgressFactory = Callable[[str], Any]
+
+#: The files conversion reads; nothing else of a checkpoint repository is downloaded.
+CHECKPOINT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "model.safetensors.index.json",
+)
+REPO_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def looks_like_repo_id(source: str) -> bool:
+    return bool(REPO_ID_RE.match(source)) and not Path(source).exists()
+
+
+@dataclass
+class Downloaded:
+    directory: Path
+    repo_id: str
+    commit: str
+    files: list[Path]
+
+
+def download_checkpoint(
+    repo_id: str, revision: str | None = None, progress_factory: ProgressFactory | None = None
+) -> Downloaded:
+    """Download only what conversion needs from a checkpoint repository (into the Hub cache)."""
+    from starling_local.acquire.hub import HubError, fetch, list_files
+
+    commit, files = list_files(repo_id, revision)
+    wanted = [
+        f
+        for name, f in files.items()
+        if name in CHECKPOINT_FILES or (name.endswith(".safetensors") and "/" not in name)
+    ]
+    if not any(f.filename.endswith(".safetensors") for f in wanted):
+        raise HubError(f"{repo_id}: no .safetensors weights to convert")
+    total = sum(f.size or 0 for f in wanted)
+    bar = progress_factory(f"Downloading {repo_id}") if progress_factory else None
+    done = 0
+    paths = []
+    try:
+        for remote in sorted(wanted, key=lambda f: f.size or 0):
+
+            def step(n: int, _total: int, what: str, base: int = done) -> None:
+                if bar is not None:
+                    bar(base + n, total, what)
+
+            paths.append(fetch(remote, revision=revision or "main", progress=step))
+            done += remote.size or 0
+    finally:
+        if bar is not None:
+            bar.close()
+    return Downloaded(paths[0].parent, repo_id, commit, paths)
+
+
+def convert_from_hub(
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    quant: str | None,
+    outtype: str = "f16",
+    out: Path | None = None,
+    keep_intermediate: bool = False,
+    keep_checkpoint: bool = False,
+    n_threads: int = 0,
+    progress_factory: ProgressFactory | None = None,
+) -> LibraryEntry:
+    """Download a checkpoint, convert (and quantize) it, and register the result."""
+    from starling_local.acquire.catalog import CATALOG
+    from starling_local.acquire.gguf_file import check_runnable
+    from starling_local.acquire.library import LibraryEntry, ModelLibrary
+
+    got = download_checkpoint(repo_id, revision, progress_factory)
+    known = next((m.name for m in CATALOG.values() if m.checkpoint_repo == repo_id), None)
+    base = known or repo_id.split("/")[-1].lower()
+    tag = normalize_quant(quant) if quant else outtype.upper()
+    final = out or ensure(get_paths().models) / f"{base}-{tag.lower()}.gguf"
+    try:
+        path = convert_and_quantize(
+            got.directory,
+            out=final,
+            outtype=outtype,
+            quant=quant,
+            keep_intermediate=keep_intermediate,
+            n_threads=n_threads,
+            progress_factory=progress_factory,
+        )
+    finally:
+        if not keep_checkpoint:
+            for p in got.files:
+                with contextlib.suppress(OSError):
+                    p.resolve().unlink()
+                    p.unlink()
+    info = check_runnable(path)
+    entry = LibraryEntry(
+        name=f"{base}:{tag}",
+        path=str(path.resolve()),
+        quant=info.quant,
+        size=info.size,
+        sha256=None,
+        verified=False,
+        source="converted",
+        repo=repo_id,
+        revision=got.commit,
+        filename=path.name,
+    )
+    return ModelLibrary().add(entry)
 
 
 def default_output(source: Path, tag: str) -> Path:

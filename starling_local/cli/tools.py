@@ -18,12 +18,16 @@ def register(sub: Any) -> None:
         "convert",
         help="convert a Hugging Face safetensors checkpoint to GGUF (and quantize it)",
     )
-    c.add_argument("source", help="checkpoint directory")
+    c.add_argument("source", help="checkpoint directory, or a Hub repo id to download")
     c.add_argument("--out", "-o", type=Path, help="output .gguf (default: in the models folder)")
     c.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")
     c.add_argument("--quant", help="quantize after converting, e.g. Q4_K_M, Q5_K_M, Q8_0")
     c.add_argument("--keep-f16", action="store_true", help="keep the unquantized GGUF too")
     c.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all)")
+    c.add_argument("--revision", help="with a repo id: branch, tag or commit")
+    c.add_argument(
+        "--keep-checkpoint", action="store_true", help="with a repo id: keep the downloaded weights"
+    )
     c.set_defaults(handler=run_convert)
 
     q = sub.add_parser("quantize", help="quantize a GGUF with llama.cpp")
@@ -45,7 +49,26 @@ def _progress(label: str) -> Any:
 
 
 def run_convert(args: argparse.Namespace) -> int:
-    from starling_local.acquire.pipeline import convert_and_quantize
+    from starling_local.acquire.pipeline import (
+        convert_and_quantize,
+        convert_from_hub,
+        looks_like_repo_id,
+    )
+
+    if looks_like_repo_id(args.source):
+        entry = convert_from_hub(
+            args.source,
+            revision=args.revision,
+            quant=args.quant,
+            outtype=args.outtype,
+            out=args.out,
+            keep_intermediate=args.keep_f16,
+            keep_checkpoint=args.keep_checkpoint,
+            n_threads=args.threads,
+            progress_factory=_progress,
+        )
+        print(f"{entry.name}\n{entry.path}")
+        return 0
 
     out = convert_and_quantize(
         Path(args.source),

@@ -1,0 +1,191 @@
+"""`starling pull`: a catalog name, `repo/file.gguf` or a local file -> a verified library entry."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from starling_local.acquire.catalog import ModelRef, parse_model_ref
+from starling_local.acquire.gguf_file import check_runnable
+from starling_local.acquire.hub import (
+    ChecksumError,
+    HubError,
+    cached_file,
+    fetch,
+    list_files,
+    sha256_of,
+)
+from starling_local.acquire.library import LibraryEntry, ModelLibrary
+from starling_local.errors import UsageError
+
+ProgressFactory = Callable[[str], Any]
+SOURCES = ("huggingface", "modelscope")
+
+
+@dataclass(frozen=True)
+class PullTarget:
+    """What to download: a repository file, under a library name."""
+
+    name: str
+    repo_id: str
+    filename: str
+    quant: str | None
+    catalog_sha256: str | None = None
+
+
+def parse_target(spec: str | None, quant: str | None = None) -> PullTarget:
+    """`starling-lm-7b-beta:Q5_K_M`, `owner/repo/file.gguf`, or nothing (the default model)."""
+    if spec and spec.count("/") >= 2 and spec.lower().endswith(".gguf"):
+        owner, repo, filename = spec.split("/", 2)
+        return PullTarget(spec, f"{owner}/{repo}", filename, quant.upper() if quant else None)
+    ref: ModelRef = parse_model_ref(spec, quant)
+    return PullTarget(
+        ref.key,
+        ref.model.gguf.repo_id,
+        ref.filename,
+        ref.quant,
+        ref.model.gguf.sha256.get(ref.quant),
+    )
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def pull(
+    spec: str | None,
+    *,
+    quant: str | None = None,
+    source: str = "huggingface",
+    revision: str | None = None,
+    progress_factory: ProgressFactory | None = None,
+) -> LibraryEntry:
+    """Download (or find) a model, verify it, register it, and return its library entry."""
+    if source not in SOURCES:
+        raise UsageError(f"unknown source {source!r}: choose huggingface or modelscope")
+    library = ModelLibrary()
+    if spec and Path(spec).expanduser().is_file():
+        return register_local(Path(spec).expanduser(), library)
+    target = parse_target(spec, quant)
+    existing = library.find(target.name)
+    if existing is not None and existing.name == target.name and revision is None:
+        return existing  # already here: nothing to ask the network
+    if source == "modelscope":
+        ms_path, ms_commit, ms_sha = _pull_modelscope(target, revision)
+        return _register(library, target, ms_path, ms_sha, ms_commit, "modelscope", verified=False)
+
+    bar = progress_factory(f"Downloading {target.filename}") if progress_factory else None
+    try:
+        if _offline():
+            cached = cached_file(target.repo_id, target.filename, revision)
+            if cached is None:
+                raise HubError(
+                    f"{target.name}: HF_HUB_OFFLINE is set and the file is not in the Hub cache"
+                )
+            digest = sha256_of(cached)
+            if target.catalog_sha256 and digest != target.catalog_sha256:
+                raise ChecksumError(f"{cached}: sha256 does not match the catalog's")
+            return _register(
+                library,
+                target,
+                cached,
+                digest,
+                revision,
+                "huggingface",
+                verified=bool(target.catalog_sha256),
+            )
+        commit, files = list_files(target.repo_id, revision)
+        remote = files.get(target.filename)
+        if remote is None:
+            ggufs = sorted(f for f in files if f.endswith(".gguf"))
+            raise HubError(
+                f"{target.repo_id} has no {target.filename}"
+                + (f"; it has: {', '.join(ggufs)}" if ggufs else "")
+            )
+        if target.catalog_sha256 and remote.sha256 and remote.sha256 != target.catalog_sha256:
+            raise ChecksumError(
+                f"{target.name}: the Hub's sha256 differs from the catalog's; refusing to download"
+            )
+        expected = remote.sha256 or target.catalog_sha256
+        already = cached_file(target.repo_id, target.filename, commit)
+        path = fetch(remote, revision=revision or "main", expected_sha256=expected, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    sha: str | None = expected
+    if already is not None or expected is None:
+        # Not downloaded (and checked) just now: check what the cache holds.
+        sha = sha256_of(path)
+        if expected is not None and sha != expected:
+            raise ChecksumError(f"{path}: cached file does not match the Hub's sha256")
+    return _register(
+        library, target, path, sha, commit, "huggingface", verified=expected is not None
+    )
+
+
+def _register(
+    library: ModelLibrary,
+    target: PullTarget,
+    path: Path,
+    sha: str | None,
+    commit: str | None,
+    source: str,
+    *,
+    verified: bool,
+) -> LibraryEntry:
+    info = check_runnable(path)
+    entry = LibraryEntry(
+        name=target.name,
+        path=str(path),
+        quant=target.quant or info.quant,
+        size=path.stat().st_size,
+        sha256=sha,
+        verified=verified,
+        source=source,
+        repo=target.repo_id,
+        revision=commit,
+        filename=target.filename,
+    )
+    return library.add(entry)
+
+
+def register_local(path: Path, library: ModelLibrary | None = None) -> LibraryEntry:
+    """Add a GGUF file already on disk to the library under its file name."""
+    info = check_runnable(path)
+    entry = LibraryEntry(
+        name=path.stem,
+        path=str(path.resolve()),
+        quant=info.quant,
+        size=info.size,
+        sha256=None,
+        verified=False,
+        source="local",
+        filename=path.name,
+    )
+    return (library or ModelLibrary()).add(entry)
+
+
+def _pull_modelscope(target: PullTarget, revision: str | None) -> tuple[Path, str | None, str]:
+    try:
+        from modelscope.hub.file_download import (  # type: ignore[import-not-found]
+            model_file_download,
+        )
+    except ImportError:
+        raise UsageError(
+            "ModelScope downloads need the optional extra: pip install 'starling-local[modelscope]'"
+        ) from None
+    try:
+        local = model_file_download(
+            model_id=target.repo_id, file_path=target.filename, revision=revision
+        )
+    except Exception as exc:  # modelscope raises many unrelated types
+        raise HubError(f"{target.repo_id}/{target.filename}: ModelScope: {exc}") from exc
+    path = Path(local)
+    sha = sha256_of(path)
+    if target.catalog_sha256 and sha != target.catalog_sha256:
+        path.unlink()
+        raise ChecksumError(f"{target.name}: sha256 mismatch; the damaged file was deleted")
+    return path, revision, sha

@@ -31,4 +31,4 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], code: int, t
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("starling: error:")
-    assert text in lines[0]
+    assert text in lines[0], lines[0]

@@ -194,7 +194,7 @@ def test_errors_are_one_line(tmp_path: Path, tiny_q4: Path) -> None:
     assert_one_line_error(
         starling("convert", tmp_path, "--out", tmp_path / "y.gguf"), 1, "config.json"
     )
-    assert_one_line_error(starling("ask", "hi"), 2, "no model given")
+    assert_one_line_error(starling("ask", "hi"), 2, "no model yet: run `starling pull`")
     assert_one_line_error(starling("ask", "  ", "--model", tiny_q4), 2, "empty")
 
 

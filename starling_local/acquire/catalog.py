@@ -6,7 +6,9 @@ used for display and the free-space check (the Hub's own metadata is used when r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from starling_local.acquire.quantize import DEFAULT_QUANT
 from starling_local.errors import UsageError
@@ -111,6 +113,14 @@ class ModelRef:
     @property
     def filename(self) -> str:
         return self.model.gguf.filename(self.quant)
+
+
+_REPO_FILE_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+/[^/].*\.gguf$", re.IGNORECASE)
+
+
+def is_repo_file_spec(spec: str) -> bool:
+    """`owner/repo/file.gguf` (a Hub file), as opposed to a relative or absolute local path."""
+    return bool(_REPO_FILE_RE.match(spec)) and not Path(spec).exists()
 
 
 def is_catalog_name(spec: str) -> bool:

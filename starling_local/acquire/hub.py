@@ -78,10 +78,33 @@ def _network_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
+def _route_hub_logging() -> None:
+    """huggingface_hub's warnings ("Trying to resume download...") go to our log file: the
+    terminal gets progress and, on failure, one line."""
+    import logging
+
+    import huggingface_hub.file_download  # noqa: F401  (configures the library's logger)
+
+    from starling_local.paths import ensure, get_paths
+
+    logger = logging.getLogger("huggingface_hub")
+    if any(getattr(h, "_starling", False) for h in logger.handlers):
+        return
+    for old in list(logger.handlers):
+        if type(old) is logging.StreamHandler:
+            logger.removeHandler(old)
+    handler = logging.FileHandler(ensure(get_paths().logs) / "hub.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler._starling = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
 def list_files(repo_id: str, revision: str | None = None) -> tuple[str, dict[str, RemoteFile]]:
     """The commit a revision points to, and the repository's files with sizes and sha256s."""
     from huggingface_hub import HfApi
 
+    _route_hub_logging()
     try:
         info = HfApi().model_info(repo_id, revision=revision, files_metadata=True)
     except _network_errors() as exc:
@@ -169,6 +192,7 @@ def fetch(
     from huggingface_hub.file_download import http_get
     from huggingface_hub.utils import build_hf_headers
 
+    _route_hub_logging()
     storage = storage_folder(remote.repo_id)
     pointer = storage / "snapshots" / remote.commit / remote.filename
     what = f"{remote.repo_id}/{remote.filename}"

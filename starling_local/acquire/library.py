@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
 
-from starling_local.acquire.catalog import CATALOG, DEFAULT_MODEL, is_catalog_name, parse_model_ref
+from starling_local.acquire.catalog import (
+    CATALOG,
+    DEFAULT_MODEL,
+    is_catalog_name,
+    is_repo_file_spec,
+    parse_model_ref,
+)
 from starling_local.errors import StarlingError, UsageError
 from starling_local.paths import ensure, get_paths
 
@@ -138,7 +144,7 @@ def resolve_model_spec(spec: str | None) -> Path:
     if is_catalog_name(spec):
         ref = parse_model_ref(spec)
         raise UsageError(f"{ref.key} is not downloaded yet: run `starling pull {ref.key}`")
-    if spec.endswith(".gguf") and spec.count("/") >= 2:
+    if is_repo_file_spec(spec):
         raise UsageError(f"{spec} is not downloaded yet: run `starling pull {spec}`")
     known = ", ".join(CATALOG)
     raise UsageError(f"no such model or file: {spec} (catalog names: {known})")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from starling_local.acquire.catalog import ModelRef, parse_model_ref
+from starling_local.acquire.catalog import ModelRef, is_repo_file_spec, parse_model_ref
 from starling_local.acquire.gguf_file import check_runnable
 from starling_local.acquire.hub import (
     ChecksumError,
@@ -38,7 +38,7 @@ class PullTarget:
 
 def parse_target(spec: str | None, quant: str | None = None) -> PullTarget:
     """`starling-lm-7b-beta:Q5_K_M`, `owner/repo/file.gguf`, or nothing (the default model)."""
-    if spec and spec.count("/") >= 2 and spec.lower().endswith(".gguf"):
+    if spec and is_repo_file_spec(spec):
         owner, repo, filename = spec.split("/", 2)
         return PullTarget(spec, f"{owner}/{repo}", filename, quant.upper() if quant else None)
     ref: ModelRef = parse_model_ref(spec, quant)

@@ -100,16 +100,21 @@ def test_kv_cache_reused_across_turns(engine: Engine) -> None:
     r1 = start_reply(engine, first, params=GREEDY)
     reply_text = r1.stream.consume()
     p1 = r1.prompt.tokens
-    second = [*first, Message("assistant", reply_text), Message("user", "And then?")]
+    ids = tuple(r1.stream.token_ids)
+    second = [*first, Message("assistant", reply_text, ids), Message("user", "And then?")]
     p2 = render_tokens(second, engine.tokenize_text)
     r2 = start_reply(engine, second, params=GREEDY)
     r2.stream.consume()
     assert r2.prompt.tokens == p2
-    # Nothing of turn 1's prompt is evaluated again.
-    assert r2.stream.stats.prompt_evaluated <= len(p2) - len(p1)
-    if p2[: len(p1) + len(r1.stream.token_ids)] == p1 + r1.stream.token_ids:
-        # The reply re-tokenizes as generated: only the tokens after it are new.
-        assert r2.stream.stats.prompt_evaluated == len(p2) - len(p1) - len(r1.stream.token_ids) + 1
+    assert p2[: len(p1) + len(ids)] == p1 + list(ids)  # the reply re-enters as generated
+    # Only what follows the reply is evaluated (plus the reply's last token, which was sampled
+    # but never fed back): nothing of turn 1 again.
+    assert r2.stream.stats.prompt_evaluated == len(p2) - len(p1) - len(ids) + 1
+    # Without the ids, the text re-tokenizes canonically: still nothing of turn 1's prompt.
+    plain = [*first, Message("assistant", reply_text), Message("user", "And then?")]
+    r3 = start_reply(engine, plain, params=GREEDY)
+    r3.stream.consume()
+    assert r3.prompt.tokens == render_tokens(plain, engine.tokenize_text)
 
 
 def test_context_overflow_drops_turns_and_says_so(tiny_q4: Path) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
+import tempfile
 import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -70,7 +72,11 @@ class SyntheticError(StarlingError):
 
 
 def mistral_tokenizer_model() -> Path:
-    """The Mistral v1 `tokenizer.model` shipped inside the `mistral-common` wheel."""
+    """The Mistral v1 `tokenizer.model` shipped inside the `mistral-common` wheel
+    (or the file `STARLING_MISTRAL_TOKENIZER` names)."""
+    override = os.environ.get("STARLING_MISTRAL_TOKENIZER")
+    if override:
+        return Path(override)
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or not spec.submodule_search_locations:
         raise SyntheticError(
@@ -264,3 +270,41 @@ def make_checkpoint(
     (outdir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     (outdir / "starling-synthetic.json").write_text(json.dumps({**asdict(shape), "seed": seed}))
     return outdir
+
+
+def make_gguf(
+    out: Path,
+    shape: Shape,
+    *,
+    seed: int = 0,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Path:
+    """Write a Starling-shaped F16 GGUF directly (no safetensors step): for benchmarks of
+    large shapes, where only the speed of the result matters."""
+    from starling_local.acquire.convert import (
+        Hyperparams,
+        OutType,
+        PlannedTensor,
+        load_vocabulary,
+        write_gguf,
+    )
+
+    hp = Hyperparams.from_config(hf_config(shape))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(Path(tmp))
+        vocab = load_vocabulary(Path(tmp), shape.vocab)
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, shape.layers)
+    planned = []
+    for name, dims in hf_tensor_specs(shape):
+        gguf_name = name_map.get_name(name, try_suffixes=(".weight",))
+        out_dtype = "f32" if len(dims) == 1 else "f16"
+
+        def load(name: str = name, dims: tuple[int, ...] = dims) -> npt.NDArray[np.float32]:
+            return random_weight(name, dims, seed)
+
+        planned.append(PlannedTensor(gguf_name, dims, out_dtype, load))
+    return write_gguf(
+        out, hp, vocab, planned, OutType.F16, progress, name=f"synthetic-{shape.hidden}"
+    )

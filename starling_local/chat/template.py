@@ -56,10 +56,17 @@ class SystemPolicy(str, Enum):
 
 @dataclass(frozen=True)
 class Message:
-    """One turn of a conversation."""
+    """One turn of a conversation.
+
+    `tokens` are the ids a reply was generated as (without the end-of-turn id). When present,
+    the reply re-enters the prompt as exactly those ids, so the KV cache of the turn that produced
+    it is reused to the last token even where the model's tokenization differs from the
+    canonical tokenization of its text.
+    """
 
     role: Role
     content: str
+    tokens: tuple[int, ...] | None = None
 
 
 def role_label(mode: Mode, role: Role) -> str:
@@ -67,14 +74,17 @@ def role_label(mode: Mode, role: Role) -> str:
     return f"{mode.prefix} {role.title()}"
 
 
-def message_segments(message: Message, mode: Mode) -> list[Segment]:
+def message_segments(message: Message, mode: Mode, exact: bool = True) -> list[Segment]:
     """`{Label}: {content}<|end_of_turn|>` as segments.
 
     Content is stripped of surrounding whitespace: a reply is generated after `Assistant:` and
     starts with the dummy-prefix space, and stdin input ends with a newline; neither belongs in
-    the re-rendered turn.
+    the re-rendered turn. With `exact`, a reply's generated ids are used as they are.
     """
-    return [f"{role_label(mode, message.role)}: {message.content.strip()}", END_OF_TURN_ID]
+    label = role_label(mode, message.role)
+    if exact and message.tokens and message.role == "assistant":
+        return [f"{label}:", *message.tokens, END_OF_TURN_ID]
+    return [f"{label}: {message.content.strip()}", END_OF_TURN_ID]
 
 
 def system_segments(system: str, mode: Mode, policy: SystemPolicy) -> list[Segment]:
@@ -99,8 +109,9 @@ def render_segments(
     system: str = "",
     policy: SystemPolicy = SystemPolicy.NATIVE,
     add_generation_prompt: bool = True,
+    exact: bool = True,
 ) -> list[Segment]:
-    """The whole prompt as segments, starting with the one BOS."""
+    """The whole prompt as segments, starting with the one BOS (`exact=False` for text)."""
     segments: list[Segment] = [BOS_ID]
     segments += system_segments(system, mode, policy)
     for message in messages:
@@ -108,7 +119,7 @@ def render_segments(
             # A system message inside the list is treated like the system prompt.
             segments += system_segments(message.content, mode, policy)
         else:
-            segments += message_segments(message, mode)
+            segments += message_segments(message, mode, exact)
     if add_generation_prompt:
         segments += generation_prompt(mode)
     return segments
@@ -149,7 +160,7 @@ def render_text(
 ) -> str:
     """Render a conversation, ready for the reply, to the exact prompt text."""
     return segments_to_text(
-        render_segments(messages, mode=style.mode, system=system, policy=style.policy)
+        render_segments(messages, mode=style.mode, system=system, policy=style.policy, exact=False)
     )
 
 

@@ -162,6 +162,7 @@ def run_render(args: argparse.Namespace) -> int:
         system=args.system,
         policy=style.policy,
         add_generation_prompt=not messages or messages[-1].role != "assistant",
+        exact=False,
     )
     if not args.tokens:
         sys.stdout.write(segments_to_text(segments) + "\n")

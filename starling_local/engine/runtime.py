@@ -49,6 +49,8 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     max_tokens: int = 1024
     seed: int | None = None
+    stop_at_end_of_turn: bool = True
+    """False only for benchmarks that must decode exactly `max_tokens` tokens."""
 
 
 @dataclass
@@ -221,7 +223,7 @@ class Engine:
         llm = self._llm
         budget = min(params.max_tokens, self.n_ctx - len(tokens))
         decoder = self.reply_decoder()
-        stop_ids = self._stop_ids
+        stop_ids = self._stop_ids if params.stop_at_end_of_turn else frozenset()
         with self._lock:
             llm.set_seed(RANDOM_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
             t0 = time.perf_counter()

@@ -1,0 +1,73 @@
+"""Decode speed: llama.cpp's own loop (the ceiling) against starling-local's streaming path."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from starling_local.chat.session import start_reply
+from starling_local.chat.template import Message
+from starling_local.engine.runtime import Engine, SamplingParams
+
+PROMPT = "Write a long story about a llama who learns to program, with many chapters."
+
+
+@dataclass
+class DecodeResult:
+    raw_tokens_per_s: float
+    starling_tokens_per_s: float
+    tokens: int
+
+    @property
+    def ratio(self) -> float:
+        return self.starling_tokens_per_s / self.raw_tokens_per_s if self.raw_tokens_per_s else 0.0
+
+
+def raw_decode(engine: Engine, prompt: list[int], n: int) -> float:
+    """Tokens/s of a bare `llama_decode` + greedy-sampler loop on the engine's own context."""
+    import llama_cpp
+
+    llm: Any = engine._llm
+    ctx = llm._ctx.ctx
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    llm.n_tokens = 0  # llama-cpp-python's view of the cache: now empty too
+    arr = (llama_cpp.llama_token * len(prompt))(*prompt)
+    if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(prompt))) != 0:
+        raise RuntimeError("llama_decode failed on the prompt")
+    sampler = llama_cpp.llama_sampler_init_greedy()
+    one = (llama_cpp.llama_token * 1)()
+    try:
+        start = time.perf_counter()
+        for _ in range(n):
+            one[0] = llama_cpp.llama_sampler_sample(sampler, ctx, -1)
+            llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1))
+        elapsed = time.perf_counter() - start
+    finally:
+        llama_cpp.llama_sampler_free(sampler)
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    return n / elapsed
+
+
+def starling_decode(engine: Engine, n: int, consume: Callable[[str], None] | None = None) -> float:
+    """Decode tokens/s of the path `starling ask` uses (stream text chunks out)."""
+    params = SamplingParams(temperature=0.0, max_tokens=n + 1, stop_at_end_of_turn=False)
+    llm: Any = engine._llm
+    llm.n_tokens = 0  # start from an empty cache, like the raw loop
+    reply = start_reply(engine, [Message("user", PROMPT)], params=params)
+    for chunk in reply.stream:
+        if consume is not None:
+            consume(chunk)
+    return reply.stream.stats.decode_tokens_per_s
+
+
+def compare_decode(engine: Engine, n: int = 128, rounds: int = 3) -> DecodeResult:
+    """Best of `rounds`, alternating the two so that machine noise hits both alike."""
+    prompt = start_reply(engine, [Message("user", PROMPT)]).prompt.tokens
+    raw: list[float] = []
+    ours: list[float] = []
+    for _ in range(rounds):
+        raw.append(raw_decode(engine, prompt, n))
+        ours.append(starling_decode(engine, n, consume=lambda chunk: None))
+    return DecodeResult(max(raw), max(ours), n)

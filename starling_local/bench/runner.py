@@ -1,0 +1,104 @@
+"""`starling bench`: every figure in one run, printed as a table and optionally as JSON."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from starling_local.acquire.files import human_bytes
+from starling_local.acquire.quantize import quantize
+from starling_local.acquire.synthetic import SHAPES, make_gguf
+from starling_local.bench.conversation import multi_turn
+from starling_local.bench.decode import compare_decode
+from starling_local.bench.system import conversion_peak, help_seconds
+from starling_local.engine.runtime import Engine
+from starling_local.paths import ensure, get_paths
+
+
+def synthetic_model(shape: str, quant: str = "Q4_K_M", directory: Path | None = None) -> Path:
+    """A quantized synthetic model of `shape`, built once and kept in the cache."""
+    folder = ensure(directory or get_paths().cache / "bench")
+    final = folder / f"synthetic-{shape}-{quant.lower()}.gguf"
+    if not final.exists():
+        f16 = folder / f"synthetic-{shape}-f16.gguf"
+        if not f16.exists():  # written atomically: if it exists, it is complete
+            make_gguf(f16, SHAPES[shape])
+        try:
+            quantize(f16, final, quant)
+        finally:
+            f16.unlink(missing_ok=True)
+    return final
+
+
+def run_bench(
+    model: Path | None,
+    *,
+    shape: str = "0.5b",
+    tokens: int = 128,
+    turns: int = 10,
+    convert_shapes: tuple[str, ...] = (),
+    n_gpu_layers: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Run the benchmark sections and return the figures."""
+    path = model or synthetic_model(shape)
+    engine = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers)
+    figures: dict[str, Any] = {
+        "model": str(path),
+        "model_bytes": path.stat().st_size,
+        "shape": None if model else shape,
+        "backend": engine.backend,
+        "n_gpu_layers": engine.n_gpu_layers,
+        "threads": engine.n_threads,
+        "machine": platform.processor() or platform.machine(),
+    }
+    decode = compare_decode(engine, n=tokens)
+    figures["decode"] = {**asdict(decode), "ratio": decode.ratio}
+    figures["multi_turn"] = [asdict(t) for t in multi_turn(engine, turns=turns)]
+    engine.close()
+    figures["help_seconds"] = help_seconds()
+    figures["conversion"] = {s: conversion_peak(s) for s in convert_shapes}
+    figures.update(extra or {})
+    return figures
+
+
+def format_table(f: dict[str, Any]) -> str:
+    d = f["decode"]
+    lines = [
+        f"model     {f['model']} ({human_bytes(f['model_bytes'])}), {f['backend']}, "
+        f"{f['threads']} threads, gpu layers {f['n_gpu_layers']}",
+        "",
+        "decode (greedy, tokens/s)       raw llama.cpp   starling   ratio",
+        f"  {d['tokens']} tokens                    {d['raw_tokens_per_s']:>10.1f}"
+        f"   {d['starling_tokens_per_s']:>8.1f}   {d['ratio']:.3f}",
+        "",
+        "multi-turn   turn  prompt  evaluated  new   TTFT ms",
+    ]
+    for t in f["multi_turn"]:
+        lines.append(
+            f"             {t['turn']:>4}  {t['prompt_tokens']:>6}  {t['prompt_evaluated']:>9}"
+            f"  {t['new_tokens']:>4}  {t['ttft_s'] * 1000:>8.1f}"
+        )
+    turns = f["multi_turn"]
+    if len(turns) > 1 and turns[0]["ttft_s"] > 0:
+        lines.append(f"  TTFT turn {turns[-1]['turn']} / turn 1: "
+                     f"{turns[-1]['ttft_s'] / turns[0]['ttft_s']:.2f}")  # fmt: skip
+    for key, value in f.items():
+        if key.startswith("resume") and isinstance(value, dict):
+            lines += ["", f"resume ({key})"] + [f"  {k}: {v}" for k, v in value.items()]
+    lines += ["", f"starling --help: {f['help_seconds'] * 1000:.0f} ms"]
+    if "tui" in f:
+        lines += [f"TUI interactive: {f['tui'].get('interactive_s', 0) * 1000:.0f} ms"]
+    for shape, c in f["conversion"].items():
+        lines.append(
+            f"convert {shape}: peak RSS {human_bytes(c['peak_rss_bytes'])} for a "
+            f"{human_bytes(c['checkpoint_bytes'])} checkpoint ({c['seconds']:.1f} s)"
+        )
+    return "\n".join(lines)
+
+
+def write_json(figures: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(figures, indent=2))

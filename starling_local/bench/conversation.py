@@ -9,8 +9,20 @@ from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
 from starling_local.engine.runtime import Engine, SamplingParams
 
-TOPICS = ["rivers", "mountains", "llamas", "compilers", "bread", "tides", "violins", "comets",
-          "gardens", "bridges", "glaciers", "maps"]  # fmt: skip
+TOPICS = [
+    "rivers",
+    "mountains",
+    "llamas",
+    "compilers",
+    "bread",
+    "tides",
+    "violins",
+    "comets",
+    "gardens",
+    "bridges",
+    "glaciers",
+    "maps",
+]
 
 
 @dataclass
@@ -43,7 +55,7 @@ def multi_turn(engine: Engine, turns: int = 10, reply_tokens: int = 32) -> list[
         results.append(
             TurnResult(
                 i + 1, s.prompt_tokens, s.prompt_evaluated, s.prompt_tokens - previous, s.ttft_s
-            )  # fmt: skip
+            )
         )
         previous = s.prompt_tokens + s.completion_tokens
         history.append(Message("assistant", text, tuple(reply.stream.token_ids)))

@@ -84,8 +84,10 @@ def format_table(f: dict[str, Any]) -> str:
         )
     turns = f["multi_turn"]
     if len(turns) > 1 and turns[0]["ttft_s"] > 0:
-        lines.append(f"  TTFT turn {turns[-1]['turn']} / turn 1: "
-                     f"{turns[-1]['ttft_s'] / turns[0]['ttft_s']:.2f}")  # fmt: skip
+        lines.append(
+            f"  TTFT turn {turns[-1]['turn']} / turn 1: "
+            f"{turns[-1]['ttft_s'] / turns[0]['ttft_s']:.2f}"
+        )
     for key, value in f.items():
         if key.startswith("resume") and isinstance(value, dict):
             lines += ["", f"resume ({key})"] + [f"  {k}: {v}" for k, v in value.items()]

@@ -17,8 +17,9 @@ def help_seconds(runs: int = 5) -> float:
     best = float("inf")
     for _ in range(runs):
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "starling_local", "--help"], check=True,
-                       capture_output=True)  # fmt: skip
+        subprocess.run(
+            [sys.executable, "-m", "starling_local", "--help"], check=True, capture_output=True
+        )
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -40,9 +41,15 @@ def conversion_peak(shape_name: str, workdir: Path | None = None) -> dict[str, f
         start = time.perf_counter()
         out = subprocess.run(
             [sys.executable, "-c", _CONVERT_AND_MEASURE, str(ckpt), str(Path(tmp) / "out.gguf")],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         seconds = time.perf_counter() - start
     peak = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
-    return {"checkpoint_bytes": size, "peak_rss_bytes": peak, "seconds": seconds,
-            "params": SHAPES[shape_name].n_params}  # fmt: skip
+    return {
+        "checkpoint_bytes": size,
+        "peak_rss_bytes": peak,
+        "seconds": seconds,
+        "params": SHAPES[shape_name].n_params,
+    }

@@ -13,8 +13,13 @@ def register(sub: Any) -> None:
     b.add_argument("--shape", default="0.5b", choices=["tiny", "0.5b", "1b", "7b"])
     b.add_argument("--tokens", type=int, default=128, help="tokens decoded per speed run")
     b.add_argument("--turns", type=int, default=10)
-    b.add_argument("--convert", nargs="*", default=[], metavar="SHAPE",
-                   help="also measure converter peak memory on these shapes")  # fmt: skip
+    b.add_argument(
+        "--convert",
+        nargs="*",
+        default=[],
+        metavar="SHAPE",
+        help="also measure converter peak memory on these shapes",
+    )
     b.add_argument("--gpu-layers", type=int, default=None)
     b.add_argument("--json", type=Path, help="write the figures to this file")
     b.set_defaults(handler=run)
@@ -26,9 +31,13 @@ def run(args: argparse.Namespace) -> int:
 
     model = resolve_model(args.model) if args.model else None
     figures = run_bench(
-        model, shape=args.shape, tokens=args.tokens, turns=args.turns,
-        convert_shapes=tuple(args.convert), n_gpu_layers=args.gpu_layers,
-    )  # fmt: skip
+        model,
+        shape=args.shape,
+        tokens=args.tokens,
+        turns=args.turns,
+        convert_shapes=tuple(args.convert),
+        n_gpu_layers=args.gpu_layers,
+    )
     print(format_table(figures))
     if args.json:
         write_json(figures, args.json)

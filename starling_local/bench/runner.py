@@ -9,17 +9,23 @@ from pathlib import Path
 from typing import Any
 
 from starling_local.acquire.files import human_bytes
-from starling_local.acquire.quantize import quantize
-from starling_local.acquire.synthetic import SHAPES, make_gguf
 from starling_local.bench.conversation import multi_turn
 from starling_local.bench.decode import compare_decode
-from starling_local.bench.system import conversion_peak, help_seconds
 from starling_local.engine.runtime import Engine
 from starling_local.paths import ensure, get_paths
+
+# numpy is imported only inside the functions that need it, after llama.cpp has loaded its
+# model: with some numpy builds (scipy-openblas64 on CUDA machines), importing numpy before
+# llama.cpp loads a model onto the GPU crashes the load.
 
 
 def synthetic_model(shape: str, quant: str = "Q4_K_M", directory: Path | None = None) -> Path:
     """A quantized synthetic model of `shape`, built once and kept in the cache."""
+    import llama_cpp  # noqa: F401  (before numpy: see the note at the top)
+
+    from starling_local.acquire.quantize import quantize
+    from starling_local.acquire.synthetic import SHAPES, make_gguf
+
     folder = ensure(directory or get_paths().cache / "bench")
     final = folder / f"synthetic-{shape}-{quant.lower()}.gguf"
     if not final.exists():
@@ -44,6 +50,8 @@ def run_bench(
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark sections and return the figures."""
+    from starling_local.bench.system import conversion_peak, help_seconds
+
     path = model or synthetic_model(shape)
     engine = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers)
     figures: dict[str, Any] = {

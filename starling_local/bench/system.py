@@ -9,7 +9,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from starling_local.acquire.synthetic import SHAPES, make_checkpoint
 
 
 def help_seconds(runs: int = 5) -> float:
@@ -35,6 +34,8 @@ print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_
 
 def conversion_peak(shape_name: str, workdir: Path | None = None) -> dict[str, float]:
     """Peak RSS of converting a synthetic checkpoint of `shape_name` to F16, in a fresh process."""
+    from starling_local.acquire.synthetic import SHAPES, make_checkpoint
+
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         ckpt = make_checkpoint(Path(tmp) / "ckpt", SHAPES[shape_name], shards=3)
         size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))

@@ -206,3 +206,94 @@ def test_help_is_fast_and_imports_nothing_heavy() -> None:
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "[]"
+
+
+def test_ask_saves_and_continues(tiny_q4: Path, starling_home: Path) -> None:
+    first = starling(
+        "ask",
+        "Hello llamas",
+        "--model",
+        tiny_q4,
+        "--json",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        home=starling_home,
+    )
+    assert first.returncode == 0, first.stderr
+    one = json.loads(first.stdout)
+    cid = one["conversation_id"]
+    assert isinstance(cid, int)
+    second = starling(
+        "ask",
+        "And camels?",
+        "--continue",
+        "--json",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        home=starling_home,
+    )
+    assert second.returncode == 0, second.stderr  # the conversation remembers its model
+    two = json.loads(second.stdout)
+    assert two["conversation_id"] == cid
+    # Turn 2's prompt holds turn 1 (17 + 2 tokens for "Hello llamas", the reply, the new turn).
+    assert two["prompt_tokens"] > one["prompt_tokens"] + 4
+    third = starling(
+        "ask",
+        "Once more",
+        "--conversation",
+        str(cid),
+        "--model",
+        tiny_q4,
+        "--json",
+        "--max-tokens",
+        "2",
+        home=starling_home,
+    )
+    assert json.loads(third.stdout)["conversation_id"] == cid
+    listed = json.loads(starling("history", "list", "--json", home=starling_home).stdout)
+    assert [(c["id"], c["title"]) for c in listed] == [(cid, "Hello llamas")]
+    assert set(listed[0]) >= {"id", "title", "updated"}
+    export = json.loads(
+        starling("history", "export", str(cid), "--format", "json", home=starling_home).stdout
+    )
+    assert [m["role"] for m in export["messages"]] == ["user", "assistant"] * 3
+    assert export["messages"][1]["content"] == one["reply"]
+    nosave = starling(
+        "ask",
+        "secret",
+        "--model",
+        tiny_q4,
+        "--no-save",
+        "--json",
+        "--max-tokens",
+        "2",
+        home=starling_home,
+    )
+    assert json.loads(nosave.stdout)["conversation_id"] is None
+    assert len(json.loads(starling("history", "list", "--json", home=starling_home).stdout)) == 1
+
+
+def test_history_commands(tiny_q4: Path, starling_home: Path, tmp_path: Path) -> None:
+    starling(
+        "ask", "Tell me about alpacas", "--model", tiny_q4, "--max-tokens", "2", home=starling_home
+    )
+    found = json.loads(starling("history", "search", "alpaca", "--json", home=starling_home).stdout)
+    assert len(found) == 1 and "alpacas" in found[0]["snippet"]
+    cid = found[0]["id"]
+    md = starling("history", "export", str(cid), "--format", "md", home=starling_home).stdout
+    assert md.startswith("# Tell me about alpacas") and "## You" in md
+    out = tmp_path / "c.json"
+    starling("history", "export", str(cid), "--format", "json", "-o", out, home=starling_home)
+    imported = starling("history", "import", out, home=starling_home)
+    assert imported.returncode == 0 and "imported as conversation" in imported.stdout
+    assert starling("history", "rm", str(cid), home=starling_home).returncode == 0
+    assert_one_line_error(
+        starling("history", "show", str(cid), home=starling_home), 2, "no conversation"
+    )
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert_one_line_error(starling("history", "import", bad, home=starling_home), 2, "not a JSON")

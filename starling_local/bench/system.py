@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 
-
 def help_seconds(runs: int = 5) -> float:
     """Best wall time of `starling --help` in a new interpreter."""
     best = float("inf")

@@ -32,6 +32,18 @@ def register(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--stats", action="store_true", help="print timing figures on stderr")
+    saved = p.add_mutually_exclusive_group()
+    saved.add_argument(
+        "--continue",
+        "-c",
+        dest="continue_",
+        action="store_true",
+        help="continue the most recent saved conversation",
+    )
+    saved.add_argument(
+        "--conversation", type=int, metavar="ID", help="continue saved conversation ID"
+    )
+    saved.add_argument("--no-save", action="store_true", help="do not save this exchange")
     add_engine_options(p)
     p.set_defaults(handler=run_ask)
 
@@ -47,21 +59,36 @@ def register(sub: Any) -> None:
 
 
 def _add_style_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=[m.value for m in Mode], default="chat")
-    p.add_argument("--system", default="", help="system prompt")
+    p.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default=None,
+        help="chat (GPT4 Correct) or code (default: chat, or the conversation's)",
+    )
+    p.add_argument("--system", default=None, help="system prompt")
     p.add_argument(
         "--system-policy",
         choices=[s.value for s in SystemPolicy],
-        default="native",
+        default=None,
         help="native: '<s>{system}<|end_of_turn|>' (OpenChat); hub: 'GPT4 Correct System: ...'",
     )
 
 
-def _style(args: argparse.Namespace) -> PromptStyle:
-    return PromptStyle(Mode(args.mode), SystemPolicy(args.system_policy))
+def _style(args: argparse.Namespace, base: PromptStyle | None = None) -> PromptStyle:
+    base = base or PromptStyle()
+    return PromptStyle(
+        Mode(args.mode) if args.mode else base.mode,
+        SystemPolicy(args.system_policy) if args.system_policy else base.policy,
+    )
 
 
 def run_ask(args: argparse.Namespace) -> int:
+    from starling_local.chat.conversation import (
+        ReplyRecorder,
+        params_dict,
+        style_of,
+        to_messages,
+    )
     from starling_local.chat.session import start_reply
     from starling_local.engine.runtime import Engine, SamplingParams
 
@@ -70,7 +97,17 @@ def run_ask(args: argparse.Namespace) -> int:
         raise UsageError("the prompt is empty")
     if args.temperature < 0:
         raise UsageError("--temperature must be >= 0")
-    model = resolve_model(args.model)
+    store = None if args.no_save else _store()
+    conversation = None
+    if store is not None and (args.continue_ or args.conversation is not None):
+        conversation = store.latest() if args.continue_ else store.get(args.conversation)
+        if conversation is None:
+            raise UsageError("no saved conversation to continue")
+    style = _style(args, style_of(conversation) if conversation else None)
+    system = (
+        args.system if args.system is not None else (conversation.system if conversation else "")
+    )
+    model = resolve_model(args.model or (conversation.model if conversation else None) or None)
     engine = Engine(model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
     params = SamplingParams(
         temperature=args.temperature,
@@ -79,15 +116,25 @@ def run_ask(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         seed=args.seed,
     )
+    history = to_messages(conversation) if conversation else []
+    messages = [*history, Message("user", text)]
+    recorder = None
+    if store is not None:
+        settings = {
+            "mode": style.mode.value,
+            "system": system,
+            "model": _model_name(model),
+            "params": params_dict(params, style),
+        }
+        if conversation is None:
+            conversation = store.create(**settings)
+        else:
+            store.update(conversation.id, **settings)
     cancel = threading.Event()
-    reply = start_reply(
-        engine,
-        [Message("user", text)],
-        system=args.system,
-        style=_style(args),
-        params=params,
-        cancel=cancel,
-    )
+    reply = start_reply(engine, messages, system=system, style=style, params=params, cancel=cancel)
+    if store is not None and conversation is not None:
+        store.add_message(conversation.id, "user", text)  # committed before generation starts
+        recorder = ReplyRecorder(store, conversation.id)
     if reply.prompt.dropped_messages:
         print(
             f"starling: note: {reply.prompt.dropped_messages} older messages did not fit "
@@ -97,14 +144,20 @@ def run_ask(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     try:
         for chunk in reply.stream:
+            if recorder is not None:
+                recorder.feed(chunk)
             if not args.json:
                 sys.stdout.write(chunk)
                 sys.stdout.flush()
     finally:
         signal.signal(signal.SIGINT, previous)
+        if recorder is not None:
+            recorder.finish(reply.stream)
     stats = reply.stream.stats
     if args.json:
-        print(json.dumps(_ask_json(reply, str(model)), ensure_ascii=False))
+        out = _ask_json(reply, str(model))
+        out["conversation_id"] = conversation.id if store is not None and conversation else None
+        print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
     if args.stats:
@@ -115,6 +168,23 @@ def run_ask(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 130 if stats.stop_reason == "cancelled" and not args.json else 0
+
+
+def _store() -> Any:
+    from starling_local.store.conversations import ConversationStore
+
+    return ConversationStore()
+
+
+def _model_name(path: Any) -> str:
+    """The library name of a model file when it has one (so a conversation survives a
+    re-download to another path), else the path."""
+    from starling_local.acquire.library import ModelLibrary
+
+    for entry in ModelLibrary().entries():
+        if entry.path == str(path):
+            return entry.name
+    return str(path)
 
 
 def _ask_json(reply: Any, model: str) -> dict[str, Any]:
@@ -159,7 +229,7 @@ def run_render(args: argparse.Namespace) -> int:
     segments = render_segments(
         messages,
         mode=style.mode,
-        system=args.system,
+        system=args.system or "",
         policy=style.policy,
         add_generation_prompt=not messages or messages[-1].role != "assistant",
         exact=False,

@@ -1,0 +1,112 @@
+"""`starling history`: list, show, search, export, import and remove saved conversations."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from starling_local.errors import UsageError
+
+
+def register(sub: Any) -> None:
+    h = sub.add_parser(
+        "history", help="saved conversations: list, show, search, export, import, rm"
+    )
+    hs = h.add_subparsers(dest="history_command", metavar="ACTION")
+    lst = hs.add_parser("list", help="conversations, newest first")
+    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--limit", type=int, default=None)
+    show = hs.add_parser("show", help="print a conversation")
+    show.add_argument("id", type=int)
+    find = hs.add_parser("search", help="full-text search of titles and messages")
+    find.add_argument("text")
+    find.add_argument("--json", action="store_true")
+    exp = hs.add_parser("export", help="export a conversation as Markdown or JSON")
+    exp.add_argument("id", type=int)
+    exp.add_argument("--format", choices=["md", "json"], default="md")
+    exp.add_argument("--output", "-o", type=Path, help="write to a file instead of stdout")
+    rm = hs.add_parser("rm", help="delete a conversation")
+    rm.add_argument("id", type=int)
+    imp = hs.add_parser("import", help="import a conversation exported as JSON")
+    imp.add_argument("file", type=Path)
+    h.set_defaults(handler=run, history_parser=h)
+
+
+def run(args: argparse.Namespace) -> int:
+    from starling_local.store.conversations import ConversationStore
+
+    action = args.history_command or "list"
+    if action == "list" and not hasattr(args, "limit"):
+        args.json, args.limit = False, None
+    store = ConversationStore()
+    if action == "list":
+        convs = store.conversations(args.limit)
+        if args.json:
+            print(
+                json.dumps(
+                    [
+                        {
+                            "id": c.id,
+                            "title": c.title,
+                            "updated": c.updated,
+                            "mode": c.mode,
+                            "model": c.model,
+                        }
+                        for c in convs
+                    ],
+                    indent=2,
+                )
+            )
+        else:
+            for c in convs:
+                print(f"{c.id:>5}  {c.updated[:16].replace('T', ' ')}  {c.title or '(untitled)'}")
+            if not convs:
+                print("no saved conversations yet")
+        return 0
+    if action == "show":
+        sys.stdout.write(store.export_markdown(args.id) + "\n")
+        return 0
+    if action == "search":
+        found = store.search(args.text)
+        if args.json:
+            print(
+                json.dumps(
+                    [
+                        {"id": c.id, "title": c.title, "updated": c.updated, "snippet": snip}
+                        for c, snip in found
+                    ],
+                    indent=2,
+                )
+            )
+        else:
+            for c, snip in found:
+                print(f"{c.id:>5}  {c.title}\n       {snip}")
+        return 0
+    if action == "export":
+        if args.format == "json":
+            text = json.dumps(store.export_json(args.id), indent=2, ensure_ascii=False)
+        else:
+            text = store.export_markdown(args.id)
+        if args.output:
+            args.output.write_text(text + "\n", encoding="utf-8")
+        else:
+            sys.stdout.write(text + "\n")
+        return 0
+    if action == "rm":
+        store.delete(args.id)
+        print(f"deleted conversation {args.id}")
+        return 0
+    if action == "import":
+        try:
+            data = json.loads(args.file.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"{args.file}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"{args.file}: not a JSON export ({exc})") from exc
+        conv = store.import_json(data)
+        print(f"imported as conversation {conv.id}: {conv.title}")
+        return 0
+    raise UsageError(f"unknown history action {action!r}")

@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from starling_local import __version__
-from starling_local.cli import ask, bench, history, models, tools
+from starling_local.cli import ask, bench, chat, history, models, tools
 from starling_local.errors import StarlingError
 
-COMMAND_MODULES = (ask, history, models, tools, bench)
+COMMAND_MODULES = (chat, ask, history, models, tools, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,8 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
-        parser.print_help()
-        return 0
+        args.handler = chat.run  # `starling` alone opens the app
     try:
         return int(args.handler(args) or 0)
     except StarlingError as exc:

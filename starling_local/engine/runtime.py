@@ -130,6 +130,7 @@ class Engine:
         n_gpu_layers: int | None = None,
         log_path: Path | None = None,
         vocab_only: bool = False,
+        on_progress: Callable[[float], None] | None = None,
     ) -> None:
         self.info: GGUFInfo = check_runnable(model_path)
         self.path = self.info.path
@@ -148,7 +149,15 @@ class Engine:
         if self.info.eos_id != END_OF_TURN_ID:
             # Many third-party Starling GGUFs say eos 2 (`</s>`); the model ends turns with 32000.
             overrides["tokenizer.ggml.eos_token_id"] = END_OF_TURN_ID
-        defaults = {} if extra_buffers_enabled() else {"use_extra_bufts": False}
+        defaults: dict[str, Any] = {} if extra_buffers_enabled() else {"use_extra_bufts": False}
+        if on_progress is not None:
+
+            @llama_cpp.llama_progress_callback  # type: ignore[misc,untyped-decorator]
+            def progress(fraction: float, user_data: Any) -> bool:
+                on_progress(float(fraction))
+                return True
+
+            defaults["progress_callback"] = progress
         try:
             with model_defaults(**defaults):
                 self._llm: Any = llama_cpp.Llama(

@@ -1,0 +1,27 @@
+"""`starling chat` (also what `starling` alone runs): the TUI."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from starling_local.cli.common import add_model_option
+
+
+def register(sub: Any) -> None:
+    c = sub.add_parser("chat", help="the chat app (also what `starling` alone opens)")
+    add_model_option(c)
+    c.add_argument("--conversation", type=int, metavar="ID", help="open saved conversation ID")
+    c.add_argument("--ctx", type=int, default=None, help="context window in tokens (default 8192)")
+    c.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from starling_local.tui.app import run_app
+
+    run_app(
+        model=getattr(args, "model", None),
+        conversation_id=getattr(args, "conversation", None),
+        n_ctx=getattr(args, "ctx", None),
+    )
+    return 0

@@ -1,0 +1,80 @@
+"""`StarlingApp`: the Textual application (small: the chat screen does the work)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from textual.app import App, SystemCommand
+from textual.screen import Screen
+
+from starling_local.store.conversations import ConversationStore
+from starling_local.tui.screens.chat import ChatScreen
+
+#: (title, help, ChatScreen action) for the command palette.
+COMMANDS = (
+    ("New conversation", "Start a new conversation", "new"),
+    ("Stop", "Stop the reply being generated", "stop"),
+    ("Regenerate", "Generate the last reply again", "regenerate"),
+    ("Edit last message", "Edit your last message and resend it", "edit_last"),
+    ("Rename conversation", "Give the conversation a new title", "rename"),
+    ("Delete conversation", "Delete the conversation (asks first)", "delete"),
+    ("Copy last reply", "Copy the last reply to the clipboard", "copy_reply"),
+    ("Copy code block", "Copy the last code block of the last reply", "copy_code"),
+    ("Toggle chat/code mode", "Switch between GPT4 Correct and Code personas", "toggle_mode"),
+    ("System prompt", "Set the conversation's system prompt", "system_prompt"),
+    ("Sampling settings", "Temperature, top-p, max tokens, seed", "settings"),
+    ("Show prompt", "The exact rendered prompt and its token count", "show_prompt"),
+    ("Export conversation", "Write it as Markdown and JSON", "export"),
+    ("Search conversations", "Full-text search of titles and messages", "search"),
+)
+
+
+class StarlingApp(App[None]):
+    CSS_PATH = "starling.tcss"
+    TITLE = "starling-local"
+
+    def __init__(
+        self,
+        *,
+        model: str | None = None,
+        conversation_id: int | None = None,
+        store: ConversationStore | None = None,
+        n_ctx: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_spec = model
+        self.conversation_id = conversation_id
+        self.store = store or ConversationStore()
+        self.n_ctx = n_ctx
+        self.engine: Any = None
+
+    def get_default_screen(self) -> Screen[Any]:
+        return ChatScreen(self.conversation_id)
+
+    def get_system_commands(self, screen: Screen[Any]) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        if isinstance(screen, ChatScreen):
+            for title, help_text, action in COMMANDS:
+                yield SystemCommand(title, help_text, getattr(screen, f"action_{action}"))
+
+    def model_name(self, path: Path) -> str:
+        """The library name of a model file when it has one, else its path."""
+        from starling_local.acquire.library import ModelLibrary
+
+        for entry in ModelLibrary().entries():
+            if entry.path == str(path):
+                return entry.name
+        return str(path)
+
+    def on_unmount(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+        self.store.close()
+
+
+def run_app(
+    model: str | None = None, conversation_id: int | None = None, n_ctx: int | None = None
+) -> None:
+    StarlingApp(model=model, conversation_id=conversation_id, n_ctx=n_ctx).run()

@@ -46,6 +46,7 @@ class StarlingApp(App[None]):
         super().__init__()
         self.model_spec = model
         self.conversation_id = conversation_id
+        self._owns_store = store is None
         self.store = store or ConversationStore()
         self.n_ctx = n_ctx
         self.engine: Any = None
@@ -71,7 +72,8 @@ class StarlingApp(App[None]):
     def on_unmount(self) -> None:
         if self.engine is not None:
             self.engine.close()
-        self.store.close()
+        if self._owns_store:
+            self.store.close()
 
 
 def run_app(

@@ -71,20 +71,21 @@ then start `starling` again (or `starling chat --model PATH.gguf` for a file you
 
 
 class ChatScreen(Screen[None]):
+    # Keys the message box (a TextArea) does not use for editing, so they work while typing.
     BINDINGS = [
         Binding("ctrl+n", "new", "New", id="new"),
         Binding("escape", "stop", "Stop", id="stop"),
         Binding("ctrl+g", "regenerate", "Regenerate", id="regenerate"),
-        Binding("ctrl+e", "edit_last", "Edit last", id="edit"),
+        Binding("ctrl+l", "edit_last", "Edit last", id="edit"),
         Binding("ctrl+r", "rename", "Rename", id="rename"),
-        Binding("ctrl+d", "delete", "Delete", id="delete"),
-        Binding("ctrl+y", "copy_reply", "Copy reply", id="copy"),
-        Binding("ctrl+k", "copy_code", "Copy code", id="copy_code", show=False),
+        Binding("f8", "delete", "Delete", id="delete"),
+        Binding("f6", "copy_reply", "Copy reply", id="copy"),
+        Binding("f7", "copy_code", "Copy code", id="copy_code", show=False),
         Binding("ctrl+t", "toggle_mode", "Chat/Code", id="mode"),
         Binding("f2", "system_prompt", "System", id="system"),
         Binding("f3", "settings", "Sampling", id="settings"),
         Binding("f4", "show_prompt", "Prompt", id="prompt"),
-        Binding("ctrl+x", "export", "Export", id="export", show=False),
+        Binding("ctrl+s", "export", "Export", id="export", show=False),
         Binding("ctrl+f", "search", "Search", id="search", show=False),
     ]
 

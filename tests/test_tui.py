@@ -1,0 +1,215 @@
+"""The app, driven with Pilot against the real engine on the tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from textual.widgets import Input, TextArea
+
+from starling_local.store.conversations import ConversationStore
+from starling_local.tui.app import StarlingApp
+from starling_local.tui.screens.chat import ChatScreen
+from starling_local.tui.screens.dialogs import PromptScreen, TextScreen
+from starling_local.tui.widgets.chat_view import MessageView
+from starling_local.tui.widgets.sidebar import ConversationItem
+
+SIZE = (120, 40)
+
+
+async def until(pilot: Any, condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("timed out waiting for the app")
+        await pilot.pause(0.02)
+
+
+def screen(app: StarlingApp) -> ChatScreen:
+    s = app.screen
+    assert isinstance(s, ChatScreen)
+    return s
+
+
+async def ready(pilot: Any, app: StarlingApp) -> ChatScreen:
+    await until(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.engine is not None)
+    s = screen(app)
+    s.draft["params"] = {"temperature": 0.0}  # greedy: the same reply every run
+    return s
+
+
+def replies(app: StarlingApp) -> int:
+    return sum(1 for v in screen(app).query(MessageView) if v.role == "assistant")
+
+
+async def send(pilot: Any, app: StarlingApp, text: str) -> None:
+    s = screen(app)
+    before = replies(app)
+    s.query_one("#input", TextArea).focus()
+    s.query_one("#input", TextArea).text = text
+    await pilot.press("enter")
+    await until(pilot, lambda: replies(app) > before and not s.generating)
+
+
+def last_reply_id(store: ConversationStore, cid: int) -> int:
+    m = store.get(cid).messages
+    return m[-1].id if m and m[-1].role == "assistant" and not m[-1].incomplete else -1
+
+
+def roles(app: StarlingApp) -> list[str]:
+    return [v.role for v in screen(app).query(MessageView)]
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> ConversationStore:
+    return ConversationStore(tmp_path / "tui.db")
+
+
+async def test_send_streams_a_reply_and_saves_it(
+    eager_gguf: Path, store: ConversationStore
+) -> None:
+    app = StarlingApp(model=str(eager_gguf), store=store, n_ctx=1024)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        await pilot.click("#input")
+        await pilot.press(*"Hello there")
+        await pilot.press("enter")
+        await until(pilot, lambda: not s.generating and roles(app) == ["user", "assistant"])
+        conv = store.get(store.conversations()[0].id)
+        assert conv.title == "Hello there"
+        user, reply = conv.messages
+        assert user.content == "Hello there" and not reply.incomplete
+        assert reply.stop_reason == "end_of_turn" and reply.content
+        assert reply.tokens and len(reply.tokens) == reply.stats["completion_tokens"]
+        view = s.chat.last("assistant")
+        assert view is not None and view.markdown.source == reply.content
+        status = str(s.status.render())
+        assert "tok/s" in status and "/1024 tokens" in status and "mode chat" in status
+        assert s.query_one("#input", TextArea).text == ""
+
+
+async def test_escape_stops_and_keeps_the_partial_reply(
+    tiny_q4: Path, store: ConversationStore
+) -> None:
+    app = StarlingApp(model=str(tiny_q4), store=store, n_ctx=4096)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        s.query_one("#input", TextArea).text = "Go on and on"
+        await pilot.press("enter")
+        await until(
+            pilot, lambda: s.reply_view is not None and bool(s.recorder and s.recorder.text)
+        )
+        await pilot.press("escape")
+        await until(pilot, lambda: not s.generating)
+        reply = store.get(store.conversations()[0].id).messages[-1]
+        assert reply.incomplete and reply.stop_reason == "cancelled" and reply.content
+        assert s.chat.last("assistant").note == "stopped"  # type: ignore[union-attr]
+
+
+async def test_regenerate_and_edit(eager_gguf: Path, store: ConversationStore) -> None:
+    app = StarlingApp(model=str(eager_gguf), store=store, n_ctx=1024)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        await send(pilot, app, "First question")
+        cid = store.conversations()[0].id
+        first_reply = store.get(cid).messages[-1].id
+        await pilot.press("ctrl+g")
+        await until(pilot, lambda: last_reply_id(store, cid) > first_reply and not s.generating)
+        messages = store.get(cid).messages
+        assert [m.role for m in messages] == ["user", "assistant"]
+        assert messages[-1].id != first_reply
+        await pilot.press("ctrl+l")
+        await until(pilot, lambda: isinstance(app.screen, TextScreen))
+        app.screen.query_one(TextArea).text = "Edited question"
+        second_reply = last_reply_id(store, cid)
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: last_reply_id(store, cid) > second_reply and not s.generating)
+        messages = store.get(cid).messages
+        assert [(m.role, m.content) for m in messages][0] == ("user", "Edited question")
+        assert len(messages) == 2 and roles(app) == ["user", "assistant"]
+
+
+async def test_switch_search_and_restart(eager_gguf: Path, store: ConversationStore) -> None:
+    other = store.create()
+    store.add_message(other.id, "user", "Tell me about alpacas")
+    store.add_message(other.id, "assistant", "Alpacas are *fluffy*.")
+    app = StarlingApp(model=str(eager_gguf), store=store, n_ctx=1024)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        await send(pilot, app, "Hello llamas")
+        items = list(s.query(ConversationItem))
+        assert len(items) == 2
+        s.post_message(type(s.query_one("#sidebar")).Selected(other.id))  # type: ignore[attr-defined]
+        await until(pilot, lambda: s.conversation is not None and s.conversation.id == other.id)
+        assert [v.markdown.source for v in s.query(MessageView)] == [
+            "Tell me about alpacas",
+            "Alpacas are *fluffy*.",
+        ]
+        s.query_one("#search", Input).value = "alpaca"
+        await until(pilot, lambda: len(list(s.query(ConversationItem))) == 1)
+        assert next(iter(s.query(ConversationItem))).conversation_id == other.id
+    llama = next(c for c in store.conversations() if c.title == "Hello llamas")
+    again = StarlingApp(
+        model=str(eager_gguf),
+        store=ConversationStore(store.path),
+        n_ctx=1024,
+        conversation_id=llama.id,
+    )
+    async with again.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, again)
+        assert len(list(s.query(ConversationItem))) == 2
+        assert [v.role for v in s.query(MessageView)] == ["user", "assistant"]
+        assert s.query(MessageView).first().markdown.source == "Hello llamas"
+
+
+async def test_mode_system_and_prompt_view(eager_gguf: Path, store: ConversationStore) -> None:
+    app = StarlingApp(model=str(eager_gguf), store=store, n_ctx=1024)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        await send(pilot, app, "Sort a list")
+        cid = store.conversations()[0].id
+        await pilot.press("ctrl+t")
+        assert store.get(cid).mode == "code" and "mode code" in str(s.status.render())
+        await pilot.press("f2")
+        await until(pilot, lambda: isinstance(app.screen, TextScreen))
+        app.screen.query_one(TextArea).text = "Be terse."
+        await pilot.press("ctrl+s")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+        assert store.get(cid).system == "Be terse."
+        await pilot.press("f4")
+        await until(pilot, lambda: isinstance(app.screen, PromptScreen))
+        shown = app.screen
+        assert isinstance(shown, PromptScreen)
+        assert shown.text.startswith(
+            "<s>Be terse.<|end_of_turn|>Code User: Sort a list<|end_of_turn|>"
+        )
+        assert shown.text.endswith("Code User: …<|end_of_turn|>Code Assistant:")
+        assert shown.tokens > 10
+
+
+async def test_no_model_says_how_to_get_one(store: ConversationStore) -> None:
+    app = StarlingApp(model=None, store=store)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: screen(app).model_error is not None)
+        notice = screen(app).chat.last("notice")
+        assert notice is not None
+        await until(pilot, lambda: "starling pull" in notice.markdown.source)
+        screen(app).query_one("#input", TextArea).text = "Hello?"
+        await pilot.press("enter")
+        assert store.conversations() == []  # nothing half-saved without a model
+
+
+def test_main_screen_snapshot(
+    snap_compare: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STARLING_HOME", str(tmp_path / "home"))
+    app = StarlingApp(model=None, store=ConversationStore(tmp_path / "snap.db"))
+
+    async def settle(pilot: Any) -> None:
+        await until(pilot, lambda: screen(app).model_error is not None)
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=settle)

@@ -128,7 +128,7 @@ async def test_regenerate_and_edit(eager_gguf: Path, store: ConversationStore) -
         await pilot.press("ctrl+s")
         await until(pilot, lambda: last_reply_id(store, cid) > second_reply and not s.generating)
         messages = store.get(cid).messages
-        assert [(m.role, m.content) for m in messages][0] == ("user", "Edited question")
+        assert (messages[0].role, messages[0].content) == ("user", "Edited question")
         assert len(messages) == 2 and roles(app) == ["user", "assistant"]
 
 

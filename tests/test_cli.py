@@ -241,6 +241,8 @@ def test_ask_saves_and_continues(tiny_q4: Path, starling_home: Path) -> None:
     assert two["conversation_id"] == cid
     # Turn 2's prompt holds turn 1 (17 + 2 tokens for "Hello llamas", the reply, the new turn).
     assert two["prompt_tokens"] > one["prompt_tokens"] + 4
+    # ... but this new process evaluated only the new turn: turn 1 came from the saved KV cache.
+    assert two["prompt_evaluated"] <= two["prompt_tokens"] - one["prompt_tokens"]
     third = starling(
         "ask",
         "Once more",
@@ -290,7 +292,9 @@ def test_history_commands(tiny_q4: Path, starling_home: Path, tmp_path: Path) ->
     starling("history", "export", str(cid), "--format", "json", "-o", out, home=starling_home)
     imported = starling("history", "import", out, home=starling_home)
     assert imported.returncode == 0 and "imported as conversation" in imported.stdout
+    assert list(starling_home.glob(f"cache/kv/*/conversation-{cid}.kv"))
     assert starling("history", "rm", str(cid), home=starling_home).returncode == 0
+    assert not list(starling_home.glob(f"cache/kv/*/conversation-{cid}.kv"))
     assert_one_line_error(
         starling("history", "show", str(cid), home=starling_home), 2, "no conversation"
     )

@@ -32,7 +32,7 @@ def style_of(conversation: Conversation) -> PromptStyle:
 
 
 def params_of(conversation: Conversation) -> SamplingParams:
-    known = {f.name for f in fields(SamplingParams)} - {"stop_at_end_of_turn"}
+    known = {f.name for f in fields(SamplingParams)}
     return SamplingParams(**{k: v for k, v in conversation.params.items() if k in known})
 
 

@@ -7,7 +7,7 @@ whichever of them continues it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from starling_local.chat.context import FittedPrompt, fit_prompt
@@ -55,10 +55,17 @@ def start_reply(
     style: PromptStyle = DEFAULT_STYLE,
     params: SamplingParams | None = None,
     cancel: threading.Event | None = None,
+    resume: Callable[[list[int]], object] | None = None,
 ) -> Reply:
-    """Render, fit and start generating; iterate `reply.stream` for the text."""
+    """Render, fit and start generating; iterate `reply.stream` for the text.
+
+    `resume(prompt_tokens)` runs before generation: it may restore a saved KV cache so that the
+    history need not be evaluated again (see `chat.kv_cache`).
+    """
     params = params or SamplingParams()
     prompt = build_prompt(
         engine, messages, system=system, style=style, max_tokens=params.max_tokens
     )
+    if resume is not None:
+        resume(prompt.tokens)
     return Reply(engine.generate(prompt.tokens, params, cancel), prompt)

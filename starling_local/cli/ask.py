@@ -131,7 +131,20 @@ def run_ask(args: argparse.Namespace) -> int:
         else:
             store.update(conversation.id, **settings)
     cancel = threading.Event()
-    reply = start_reply(engine, messages, system=system, style=style, params=params, cancel=cancel)
+    kv = None
+    if store is not None and conversation is not None:
+        from starling_local.chat.kv_cache import ConversationCache
+
+        kv = ConversationCache(engine)
+    conv_id = conversation.id if conversation is not None else 0
+
+    def resume(tokens: list[int]) -> None:
+        if kv is not None and history:
+            kv.restore(conv_id, tokens)
+
+    reply = start_reply(
+        engine, messages, system=system, style=style, params=params, cancel=cancel, resume=resume
+    )
     if store is not None and conversation is not None:
         store.add_message(conversation.id, "user", text)  # committed before generation starts
         recorder = ReplyRecorder(store, conversation.id)
@@ -153,6 +166,8 @@ def run_ask(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, previous)
         if recorder is not None:
             recorder.finish(reply.stream)
+        if kv is not None:
+            kv.save(conv_id)  # the next `--continue` starts from this cache
     stats = reply.stream.stats
     if args.json:
         out = _ask_json(reply, str(model))

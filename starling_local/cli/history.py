@@ -96,7 +96,10 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.write(text + "\n")
         return 0
     if action == "rm":
+        from starling_local.chat.kv_cache import forget
+
         store.delete(args.id)
+        forget(args.id)
         print(f"deleted conversation {args.id}")
         return 0
     if action == "import":

@@ -7,6 +7,8 @@ across tokens, reuses the KV cache across turns, and reports what it did.
 from __future__ import annotations
 
 import codecs
+import ctypes
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -273,6 +275,53 @@ class Engine:
             tail = decoder.flush()
             if tail:
                 yield tail
+
+    # --- KV state on disk ----------------------------------------------------------------------
+
+    def save_state(self, path: Path) -> int:
+        """Write the KV cache (sequence 0) and its tokens to `path`; return the bytes written."""
+        import llama_cpp
+
+        with self._lock:
+            llm = self._llm
+            n = int(llm.n_tokens)
+            if n == 0:
+                return 0
+            tokens = (llama_cpp.llama_token * n)(*llm.input_ids[:n])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+            written = int(
+                llama_cpp.llama_state_seq_save_file(llm._ctx.ctx, str(tmp).encode(), 0, tokens, n)
+            )
+            if written <= 0:
+                tmp.unlink(missing_ok=True)
+                return 0
+            os.replace(tmp, path)
+            return written
+
+    def load_state(self, path: Path) -> int:
+        """Replace the KV cache with the one saved in `path`; return how many tokens it holds
+        (0 if the file does not fit this context or is unreadable: the cache is then empty)."""
+        import llama_cpp
+
+        with self._lock:
+            llm = self._llm
+            ctx = llm._ctx.ctx
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            llm.n_tokens = 0
+            capacity = self.n_ctx
+            tokens = (llama_cpp.llama_token * capacity)()
+            count = ctypes.c_size_t(0)
+            read = llama_cpp.llama_state_seq_load_file(
+                ctx, str(path).encode(), 0, tokens, capacity, ctypes.byref(count)
+            )
+            if read <= 0 or count.value == 0:
+                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+                return 0
+            n = int(count.value)
+            llm.input_ids[:n] = tokens[:n]
+            llm.n_tokens = n
+            return n
 
     def close(self) -> None:
         """Free the model and context now rather than at garbage collection."""

@@ -102,6 +102,7 @@ class ChatScreen(Screen[None]):
         self.reply_view: MessageView | None = None
         self.md_stream: Any = None
         self.dropped = 0
+        self.kv: Any = None
 
     # --- layout ------------------------------------------------------------------------------
 
@@ -162,7 +163,10 @@ class ChatScreen(Screen[None]):
         self.status.set(model=f"loading model {message.fraction:.0%}")
 
     async def on_model_loaded(self, message: ModelLoaded) -> None:
+        from starling_local.chat.kv_cache import ConversationCache
+
         self.engine = message.engine
+        self.kv = ConversationCache(self.engine)
         self.app.engine = message.engine  # type: ignore[attr-defined]
         self.status.set(model=self.engine.path.name, backend=self.engine.backend)
         self.update_context()
@@ -251,15 +255,32 @@ class ChatScreen(Screen[None]):
         self.md_stream = Markdown.get_stream(self.reply_view.markdown)
         self.recorder = ReplyRecorder(self.store, conv.id)
         self.status.set(state="replying… (Esc stops)", speed="")
-        self.generate(to_messages(conv), conv.system, style_of(conv), params_of(conv))
+        self.generate(conv.id, to_messages(conv), conv.system, style_of(conv), params_of(conv))
 
     @work(thread=True, exclusive=True, group="generate")
     def generate(
-        self, messages: list[Message], system: str, style: PromptStyle, params: SamplingParams
+        self,
+        conversation_id: int,
+        messages: list[Message],
+        system: str,
+        style: PromptStyle,
+        params: SamplingParams,
     ) -> None:
+        kv = self.kv
+
+        def resume(tokens: list[int]) -> None:
+            if kv is not None:
+                kv.restore(conversation_id, tokens)
+
         try:
             reply = start_reply(
-                self.engine, messages, system=system, style=style, params=params, cancel=self.cancel
+                self.engine,
+                messages,
+                system=system,
+                style=style,
+                params=params,
+                cancel=self.cancel,
+                resume=resume,
             )
         except StarlingError as exc:
             self.post_message(ReplyDone(None, str(exc)))
@@ -276,6 +297,9 @@ class ChatScreen(Screen[None]):
             self.post_message(ReplyDone(reply.stream, f"generation failed: {exc}"))
             return
         self.post_message(ReplyDone(reply.stream))
+        if kv is not None:
+            # Reopening this conversation later (even in a new process) starts from here.
+            kv.save(conversation_id)
 
     async def on_reply_started(self, message: ReplyStarted) -> None:
         self.dropped = message.reply.prompt.dropped_messages
@@ -413,7 +437,10 @@ class ChatScreen(Screen[None]):
 
         async def done(yes: bool | None) -> None:
             if yes:
+                from starling_local.chat.kv_cache import forget
+
                 self.store.delete(conv.id)
+                forget(conv.id)
                 self.conversation = None
                 await self.open_conversation(self.store.latest())
                 await self.refresh_sidebar()

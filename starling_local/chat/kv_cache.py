@@ -1,0 +1,83 @@
+"""Conversations that resume instantly: each conversation's KV cache saved to disk.
+
+A state file is keyed by the model file (path, size, modification time) and the conversation, so
+a cache is never loaded into another model. Files are removed with their conversation, and the
+folder is kept under a size cap by dropping the least recently used files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from starling_local.engine.runtime import Engine
+from starling_local.paths import get_paths
+
+DEFAULT_CAP_BYTES = 4 << 30
+
+
+def cache_root() -> Path:
+    return get_paths().cache / "kv"
+
+
+def cap_bytes() -> int:
+    value = os.environ.get("STARLING_KV_CACHE_MB")
+    return int(value) << 20 if value and value.isdigit() else DEFAULT_CAP_BYTES
+
+
+def model_key(path: Path) -> str:
+    st = path.stat()
+    return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+class ConversationCache:
+    """Save and restore one engine's KV cache per conversation."""
+
+    def __init__(self, engine: Engine, root: Path | None = None, cap: int | None = None) -> None:
+        self.engine = engine
+        self.root = root or cache_root()
+        self.cap = cap if cap is not None else cap_bytes()
+        self.folder = self.root / model_key(engine.path)
+
+    def path_for(self, conversation_id: int) -> Path:
+        return self.folder / f"conversation-{conversation_id}.kv"
+
+    def save(self, conversation_id: int) -> int:
+        """Save the engine's current cache as this conversation's; return the bytes written."""
+        written = self.engine.save_state(self.path_for(conversation_id))
+        if written:
+            self.enforce_cap(keep=self.path_for(conversation_id))
+        return written
+
+    def restore(self, conversation_id: int, prompt: Sequence[int]) -> int:
+        """Load the saved cache when it covers more of `prompt` than the live one does; return
+        the tokens of `prompt` now cached."""
+        live = self.engine.cached_prefix(prompt)
+        path = self.path_for(conversation_id)
+        if live >= len(prompt) - 1 or not path.exists():
+            return live
+        if self.engine.load_state(path) == 0:
+            return 0
+        with contextlib.suppress(OSError):
+            os.utime(path)  # recently used
+        return self.engine.cached_prefix(prompt)
+
+    def enforce_cap(self, keep: Path | None = None) -> None:
+        files = sorted(
+            (p for p in self.root.glob("*/*.kv") if p != keep), key=lambda p: p.stat().st_mtime
+        )
+        total = sum(p.stat().st_size for p in files) + (keep.stat().st_size if keep else 0)
+        for old in files:
+            if total <= self.cap:
+                break
+            total -= old.stat().st_size
+            old.unlink(missing_ok=True)
+
+
+def forget(conversation_id: int, root: Path | None = None) -> None:
+    """Remove a conversation's saved caches (for every model)."""
+    for path in (root or cache_root()).glob(f"*/conversation-{conversation_id}.kv"):
+        path.unlink(missing_ok=True)

@@ -47,9 +47,14 @@ def run_bench(
     turns: int = 10,
     convert_shapes: tuple[str, ...] = (),
     n_gpu_layers: int | None = None,
+    resume_tokens: int = 2000,
+    tui_tokens: int = 2000,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark sections and return the figures."""
+    import tempfile
+
+    from starling_local.bench.resume import resume_figures
     from starling_local.bench.system import conversion_peak, help_seconds
 
     path = model or synthetic_model(shape)
@@ -67,6 +72,16 @@ def run_bench(
     figures["decode"] = {**asdict(decode), "ratio": decode.ratio}
     figures["multi_turn"] = [asdict(t) for t in multi_turn(engine, turns=turns)]
     engine.close()
+    if resume_tokens:
+        figures["resume"] = resume_figures(path, resume_tokens)
+    if tui_tokens:
+        from starling_local.bench.tui import tui_figures
+
+        with tempfile.TemporaryDirectory() as tmp:
+            figures["tui"] = tui_figures(path, tui_tokens, Path(tmp) / "bench.db")
+        raw = figures["decode"]["raw_tokens_per_s"]
+        tui_speed = figures["tui"].get("tui_decode_tokens_per_s") or 0.0
+        figures["tui"]["ratio_to_raw"] = tui_speed / raw if raw else 0.0
     figures["help_seconds"] = help_seconds()
     figures["conversion"] = {s: conversion_peak(s) for s in convert_shapes}
     figures.update(extra or {})
@@ -96,12 +111,32 @@ def format_table(f: dict[str, Any]) -> str:
             f"  TTFT turn {turns[-1]['turn']} / turn 1: "
             f"{turns[-1]['ttft_s'] / turns[0]['ttft_s']:.2f}"
         )
-    for key, value in f.items():
-        if key.startswith("resume") and isinstance(value, dict):
-            lines += ["", f"resume ({key})"] + [f"  {k}: {v}" for k, v in value.items()]
-    lines += ["", f"starling --help: {f['help_seconds'] * 1000:.0f} ms"]
+    if "resume" in f:
+        r = f["resume"]
+        lines += [
+            "",
+            f"resume a {r['conversation_tokens']}-token conversation (TTFT ms, evaluated tokens)",
+            f"  live                      {r['live']['ttft_s'] * 1000:>8.1f}"
+            f"  {r['live']['prompt_evaluated']:>6}",
+            f"  reopened, KV state file   {r['reopened_with_cache']['ttft_s'] * 1000:>8.1f}"
+            f"  {r['reopened_with_cache']['prompt_evaluated']:>6}"
+            f"   ({r['reopened_vs_live']:.2f}x live; state {human_bytes(r['state_file_bytes'])})",
+            f"  reopened, full evaluation {r['reopened_without_cache']['ttft_s'] * 1000:>8.1f}"
+            f"  {r['reopened_without_cache']['prompt_evaluated']:>6}"
+            f"   ({r['full_vs_reopened']:.1f}x the cached reopen)",
+        ]
     if "tui" in f:
-        lines += [f"TUI interactive: {f['tui'].get('interactive_s', 0) * 1000:.0f} ms"]
+        t = f["tui"]
+        lines += [
+            "",
+            f"TUI: interactive {t['interactive_s'] * 1000:.0f} ms, model loaded "
+            f"{t['model_loaded_s'] * 1000:.0f} ms",
+            f"  streamed {t['reply_tokens']} tokens at {t['tui_decode_tokens_per_s']:.1f} tok/s "
+            f"({t['ratio_to_raw']:.3f} of raw), render lag after the last token "
+            f"{(t['render_lag_s'] or 0) * 1000:.0f} ms, {t['rendered_chars']}/{t['reply_chars']} "
+            "chars on screen",
+        ]
+    lines += ["", f"starling --help: {f['help_seconds'] * 1000:.0f} ms"]
     for shape, c in f["conversion"].items():
         lines.append(
             f"convert {shape}: peak RSS {human_bytes(c['peak_rss_bytes'])} for a "

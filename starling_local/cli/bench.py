@@ -21,6 +21,18 @@ def register(sub: Any) -> None:
         help="also measure converter peak memory on these shapes",
     )
     b.add_argument("--gpu-layers", type=int, default=None)
+    b.add_argument(
+        "--resume-tokens",
+        type=int,
+        default=2000,
+        help="conversation size for the resume figures (0 skips)",
+    )
+    b.add_argument(
+        "--tui-tokens",
+        type=int,
+        default=2000,
+        help="reply length for the TUI streaming figures (0 skips)",
+    )
     b.add_argument("--json", type=Path, help="write the figures to this file")
     b.set_defaults(handler=run)
 
@@ -36,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         tokens=args.tokens,
         turns=args.turns,
         convert_shapes=tuple(args.convert),
+        resume_tokens=args.resume_tokens,
+        tui_tokens=args.tui_tokens,
         n_gpu_layers=args.gpu_layers,
     )
     print(format_table(figures))

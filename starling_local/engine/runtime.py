@@ -179,7 +179,21 @@ class Engine:
             raise EngineError(f"{self.path}: llama.cpp could not load the model: {detail}") from exc
         self.n_gpu_layers = n_gpu_layers
         self.n_ctx: int = self._llm.n_ctx()
+        if not vocab_only:
+            self._warm_up()
         self._stop_ids = frozenset({END_OF_TURN_ID, EOS_ID, int(self._llm.token_eos())})
+
+    def _warm_up(self) -> None:
+        """Decode one token and forget it: the first decode of a process pays for page-faulting
+        the weights and setting up compute graphs; better at load time (in the background) than
+        in the user's first reply."""
+        import llama_cpp
+
+        ctx = self._llm._ctx.ctx
+        one = (llama_cpp.llama_token * 1)(1)
+        llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1))
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        self._llm.n_tokens = 0
 
     # --- tokens -------------------------------------------------------------------------------
 

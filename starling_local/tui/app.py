@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from textual.screen import Screen
 
 from starling_local.store.conversations import ConversationStore
 from starling_local.tui.screens.chat import ChatScreen
+
+SWITCH_INTERVAL_S = 0.0005
 
 #: (title, help, ChatScreen action) for the command palette.
 COMMANDS = (
@@ -50,6 +53,12 @@ class StarlingApp(App[None]):
         self.store = store or ConversationStore()
         self.n_ctx = n_ctx
         self.engine: Any = None
+
+    def on_load(self) -> None:
+        # The generation thread needs the GIL briefly after every token (between llama.cpp
+        # calls, which release it). With the default 5 ms switch interval, a busy UI thread
+        # (Markdown rendering) would hold it long enough to cap decoding near 200 tokens/s.
+        sys.setswitchinterval(SWITCH_INTERVAL_S)
 
     def get_default_screen(self) -> Screen[Any]:
         return ChatScreen(self.conversation_id)

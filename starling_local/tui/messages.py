@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from textual.message import Message
@@ -44,3 +45,4 @@ class ReplyDone(Message):
         super().__init__()
         self.stream = stream
         self.error = error
+        self.generated_at = time.perf_counter()  # posted by the worker after the last token

@@ -57,6 +57,8 @@ from starling_local.tui.widgets.prompt_input import PromptInput
 from starling_local.tui.widgets.sidebar import Sidebar
 from starling_local.tui.widgets.status import StatusBar
 
+#: The streaming reply is shown at most this often (seconds).
+UI_UPDATE_S = 1 / 15
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 NO_MODEL_HELP = """\
 **No model yet.** In a terminal, run:
@@ -103,6 +105,8 @@ class ChatScreen(Screen[None]):
         self.md_stream: Any = None
         self.dropped = 0
         self.kv: Any = None
+        self.render_lag_s: float | None = None
+        """Last token generated -> whole reply on screen and saved, for the last reply."""
 
     # --- layout ------------------------------------------------------------------------------
 
@@ -287,12 +291,23 @@ class ChatScreen(Screen[None]):
             return
         self.post_message(ReplyStarted(reply))
         start = time.perf_counter()
-        count = 0
+        last_post = start
+        pending: list[str] = []
         try:
             for chunk in reply.stream:
+                pending.append(chunk)
+                now = time.perf_counter()
+                # One UI update per frame at most: a message per token would make the UI
+                # thread compete with generation for the GIL on fast models.
+                if now - last_post >= UI_UPDATE_S:
+                    count = reply.stream.stats.completion_tokens
+                    self.post_message(ReplyChunk("".join(pending), count, count / (now - start)))
+                    pending.clear()
+                    last_post = now
+            if pending:
                 count = reply.stream.stats.completion_tokens
                 elapsed = time.perf_counter() - start
-                self.post_message(ReplyChunk(chunk, count, count / elapsed if elapsed else 0.0))
+                self.post_message(ReplyChunk("".join(pending), count, count / elapsed))
         except Exception as exc:  # the reply so far is kept; say what happened
             self.post_message(ReplyDone(reply.stream, f"generation failed: {exc}"))
             return
@@ -350,6 +365,7 @@ class ChatScreen(Screen[None]):
         if stream is not None and stream.stats.decode_tokens_per_s:
             speed = f"{stream.stats.decode_tokens_per_s:.1f} tok/s"
         self.status.set(state="", speed=speed)
+        self.render_lag_s = time.perf_counter() - message.generated_at
         if self.conversation is not None:
             self.conversation = self.store.get(self.conversation.id)
         self.update_context()

@@ -50,8 +50,13 @@ def build_history(engine: Engine, target_tokens: int) -> list[Message]:
     i = 0
     params = SamplingParams(temperature=0.0, max_tokens=64, stop_at_end_of_turn=False)
     while True:
-        history.append(Message("user", f"Chapter {i}: tell me more about the llama who "
-                                       f"learned to program, and about its friends. " * 3))  # fmt: skip
+        history.append(
+            Message(
+                "user",
+                f"Chapter {i}: tell me more about the llama who "
+                f"learned to program, and about its friends. " * 3,
+            )
+        )
         reply = start_reply(engine, history, params=params)
         reply.stream.consume()
         history.append(Message("assistant", reply.stream.text, tuple(reply.stream.token_ids)))
@@ -77,10 +82,19 @@ def ttft_live(engine: Engine, history: list[Message]) -> dict[str, Any]:
 
 def _in_new_process(model: Path, history_file: Path, root: Path, use_cache: bool) -> Any:
     out = subprocess.run(
-        [sys.executable, "-c", _TURN_IN_NEW_PROCESS, str(model), str(history_file), str(root),
-         "1" if use_cache else "0"],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            _TURN_IN_NEW_PROCESS,
+            str(model),
+            str(history_file),
+            str(root),
+            "1" if use_cache else "0",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -94,9 +108,14 @@ def resume_figures(model: Path, target_tokens: int = 2000) -> dict[str, Any]:
         live = ttft_live(engine, history)
         engine.close()
         history_file = root / "history.json"
-        history_file.write_text(json.dumps(
-            [{"role": m.role, "content": m.content, "tokens": list(m.tokens or [])} for m in history]
-        ))  # fmt: skip
+        history_file.write_text(
+            json.dumps(
+                [
+                    {"role": m.role, "content": m.content, "tokens": list(m.tokens or [])}
+                    for m in history
+                ]
+            )
+        )
         reopened = _in_new_process(model, history_file, root, use_cache=True)
         full = _in_new_process(model, history_file, root, use_cache=False)
     return {

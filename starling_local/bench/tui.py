@@ -27,8 +27,11 @@ async def _measure(model: Path, tokens: int, db: Path) -> dict[str, Any]:
         while screen.engine is None:
             await pilot.pause(0.01)
         figures["model_loaded_s"] = time.perf_counter() - start
-        screen.draft["params"] = {"temperature": 0.0, "max_tokens": tokens,
-                                  "stop_at_end_of_turn": False}  # fmt: skip
+        screen.draft["params"] = {
+            "temperature": 0.0,
+            "max_tokens": tokens,
+            "stop_at_end_of_turn": False,
+        }
         screen.render_lag_s = None
         screen.query_one(PromptInput).text = "Write a very long story about a llama."
         await pilot.press("enter")

@@ -189,8 +189,10 @@ class ChatScreen(Screen[None]):
         if search.strip():
             rows = [(c.id, c.title, snip) for c, snip in self.store.search(search)]
         else:
-            rows = [(c.id, c.title, c.updated[:16].replace("T", " "))
-                    for c in self.store.conversations(200)]  # fmt: skip
+            rows = [
+                (c.id, c.title, c.updated[:16].replace("T", " "))
+                for c in self.store.conversations(200)
+            ]
         selected = self.conversation.id if self.conversation else None
         await self.query_one(Sidebar).show(rows, selected)
 
@@ -239,10 +241,11 @@ class ChatScreen(Screen[None]):
             return
         if self.conversation is None:
             self.conversation = self.store.create(
-                mode=self.draft["mode"], system=self.draft["system"],
+                mode=self.draft["mode"],
+                system=self.draft["system"],
                 model=self.app.model_name(self.engine.path),  # type: ignore[attr-defined]
                 params=self.draft["params"],
-            )  # fmt: skip
+            )
         self.store.add_message(self.conversation.id, "user", text)  # committed first
         self.query_one(PromptInput).clear()
         await self.chat.add("user", text)
@@ -381,8 +384,13 @@ class ChatScreen(Screen[None]):
             return
         style = style_of(self.conversation) if self.conversation else PromptStyle()
         system = self.conversation.system if self.conversation else ""
-        segments = render_segments(messages, mode=style.mode, system=system, policy=style.policy,
-                                   add_generation_prompt=messages[-1].role == "user")  # fmt: skip
+        segments = render_segments(
+            messages,
+            mode=style.mode,
+            system=system,
+            policy=style.policy,
+            add_generation_prompt=messages[-1].role == "user",
+        )
         used = len(segments_to_tokens(segments, self.engine.tokenize_text))
         over = " (oldest turns leave the prompt)" if used > self.engine.n_ctx else ""
         self.status.set(context=f"{used}/{self.engine.n_ctx} tokens{over}")
@@ -466,8 +474,9 @@ class ChatScreen(Screen[None]):
     def _last_reply(self) -> str:
         if self.conversation is None:
             return ""
-        replies = [m for m in self.store.get(self.conversation.id).messages
-                   if m.role == "assistant"]  # fmt: skip
+        replies = [
+            m for m in self.store.get(self.conversation.id).messages if m.role == "assistant"
+        ]
         return replies[-1].content if replies else ""
 
     def action_copy_reply(self) -> None:
@@ -528,8 +537,12 @@ class ChatScreen(Screen[None]):
                 self.draft["params"] = data
             self.notify("Sampling settings saved.")
 
-        values = {"temperature": params.temperature, "top_p": params.top_p,
-                  "max_tokens": params.max_tokens, "seed": params.seed}  # fmt: skip
+        values = {
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_tokens,
+            "seed": params.seed,
+        }
         self.app.push_screen(SettingsScreen(values), done)
 
     def action_show_prompt(self) -> None:
@@ -550,10 +563,12 @@ class ChatScreen(Screen[None]):
         )
         fitted = build_prompt(self.engine, pending, system=system, style=style)
         kept = pending[fitted.dropped_messages :]
-        text = segments_to_text(render_segments(kept, mode=style.mode, system=system,
-                                                policy=style.policy, exact=False))  # fmt: skip
-        self.app.push_screen(PromptScreen(text, len(fitted.tokens), self.engine.n_ctx,
-                                          fitted.dropped_messages))  # fmt: skip
+        text = segments_to_text(
+            render_segments(kept, mode=style.mode, system=system, policy=style.policy, exact=False)
+        )
+        self.app.push_screen(
+            PromptScreen(text, len(fitted.tokens), self.engine.n_ctx, fitted.dropped_messages)
+        )
 
     def action_export(self) -> None:
         if self.conversation is None:

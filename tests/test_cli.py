@@ -301,3 +301,64 @@ def test_history_commands(tiny_q4: Path, starling_home: Path, tmp_path: Path) ->
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     assert_one_line_error(starling("history", "import", bad, home=starling_home), 2, "not a JSON")
+
+
+def test_batch_convert_script(tiny_checkpoint: Path, tmp_path: Path, starling_home: Path) -> None:
+    env = dict(os.environ, STARLING_HOME=str(starling_home))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "scripts/convert_starling.py",
+            str(tiny_checkpoint),
+            "--quant",
+            "Q4_0",
+            "Q8_0",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "tiny-starling-q4_0.gguf",
+        "tiny-starling-q8_0.gguf",
+    ]  # the F16 intermediate is gone
+    listed = json.loads(starling("models", "--json", home=starling_home).stdout)
+    assert sorted(m["name"] for m in listed) == ["tiny-starling:Q4_0", "tiny-starling:Q8_0"]
+    assert {m["source"] for m in listed} == {"converted"}
+
+
+def test_bench_runs_end_to_end(tiny_q4: Path, tmp_path: Path, starling_home: Path) -> None:
+    out = tmp_path / "bench.json"
+    r = starling(
+        "bench",
+        "--model",
+        tiny_q4,
+        "--tokens",
+        "16",
+        "--turns",
+        "3",
+        "--resume-tokens",
+        "300",
+        "--tui-tokens",
+        "40",
+        "--json",
+        out,
+        home=starling_home,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    f = json.loads(out.read_text())
+    assert f["decode"]["raw_tokens_per_s"] > 0 and f["decode"]["starling_tokens_per_s"] > 0
+    turns = f["multi_turn"]
+    assert len(turns) == 3
+    # Only the new turn is evaluated: the turn's new tokens plus the last reply token.
+    assert all(t["prompt_evaluated"] <= t["new_tokens"] + 1 for t in turns[1:])
+    resume = f["resume"]
+    assert resume["reopened_with_cache"]["prompt_evaluated"] < 40
+    assert resume["reopened_without_cache"]["prompt_evaluated"] == resume["conversation_tokens"]
+    assert f["tui"]["reply_tokens"] == 40 and f["tui"]["rendered_chars"] == f["tui"]["reply_chars"]
+    assert "raw llama.cpp" in r.stdout and "resume" in r.stdout

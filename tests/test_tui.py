@@ -97,6 +97,8 @@ async def test_escape_stops_and_keeps_the_partial_reply(
     app = StarlingApp(model=str(tiny_q4), store=store, n_ctx=4096)
     async with app.run_test(size=SIZE) as pilot:
         s = await ready(pilot, app)
+        # A reply that would run to the end of the 4096-token window unless stopped.
+        s.draft["params"] = {"temperature": 0.0, "max_tokens": 4096, "stop_at_end_of_turn": False}
         s.query_one("#input", TextArea).text = "Go on and on"
         await pilot.press("enter")
         await until(

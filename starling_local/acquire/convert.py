@@ -227,6 +227,8 @@ class PlannedTensor:
     out_dtype: str  # "f32" | "f16" | "bf16"
     load: Callable[[], npt.NDArray[np.float32]]
     permute_heads: int = 0  # 0: no permutation
+    load_rows: Callable[[int, int], npt.NDArray[np.float32]] | None = None
+    """Reads a block of rows; lets a large tensor be converted a block at a time."""
 
     @property
     def out_nbytes(self) -> int:
@@ -234,15 +236,33 @@ class PlannedTensor:
         return n * (4 if self.out_dtype == "f32" else 2)
 
     def data(self) -> npt.NDArray[Any]:
-        """The tensor converted to its output type (the only time its data is in memory)."""
+        """The tensor converted to its output type (the only time its data is in memory).
+
+        Large tensors that need no permutation are converted a block of rows at a time, so only
+        the output array is ever whole in memory (no float32 copy of a 500 MB embedding).
+        """
+        n = int(np.prod(self.shape))
+        if self.load_rows is not None and not self.permute_heads and n > CHUNK_ELEMENTS:
+            out = np.empty(self.shape, dtype=_NUMPY_OUT[self.out_dtype])
+            step = max(1, CHUNK_ELEMENTS // int(np.prod(self.shape[1:])))
+            for start in range(0, self.shape[0], step):
+                stop = min(self.shape[0], start + step)
+                out[start:stop] = _cast(self.load_rows(start, stop), self.out_dtype)
+            return out
         data = self.load()
         if self.permute_heads:
             data = permute_qk(data, self.permute_heads)
-        if self.out_dtype == "f16":
-            return data.astype(np.float16)
-        if self.out_dtype == "bf16":
-            return to_bf16_bits(data)
-        return np.ascontiguousarray(data, dtype=np.float32)
+        return np.ascontiguousarray(_cast(data, self.out_dtype))
+
+
+CHUNK_ELEMENTS = 1 << 22
+_NUMPY_OUT: dict[str, Any] = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}
+
+
+def _cast(data: npt.NDArray[np.float32], out_dtype: str) -> npt.NDArray[Any]:
+    if out_dtype == "bf16":
+        return to_bf16_bits(data)
+    return data.astype(_NUMPY_OUT[out_dtype], copy=False)
 
 
 def plan_tensors(directory: Path, hp: Hyperparams, outtype: OutType) -> list[PlannedTensor]:
@@ -269,7 +289,7 @@ def plan_tensors(directory: Path, hp: Hyperparams, outtype: OutType) -> list[Pla
         elif ref.name.endswith("k_proj.weight"):
             heads = hp.n_kv_heads
         out = "f32" if len(ref.shape) == 1 else outtype.value
-        planned.append(PlannedTensor(new, ref.shape, out, ref.load_f32, heads))
+        planned.append(PlannedTensor(new, ref.shape, out, ref.load_f32, heads, ref.load_rows_f32))
     names = {p.gguf_name for p in planned}
     for required in ("token_embd.weight", "output_norm.weight"):
         if required not in names:
@@ -340,7 +360,7 @@ def write_gguf(
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
             _add_vocabulary(writer, vocab)
             for p in planned:
-                dtype: Any = {"f32": np.float32, "f16": np.float16, "bf16": np.uint16}[p.out_dtype]
+                dtype: Any = _NUMPY_OUT[p.out_dtype]
                 raw = gguf.GGMLQuantizationType.BF16 if p.out_dtype == "bf16" else None
                 writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(dtype), p.out_nbytes, raw)
             writer.write_header_to_file()

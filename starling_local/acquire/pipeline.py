@@ -78,6 +78,43 @@ def download_checkpoint(
     return Downloaded(paths[0].parent, repo_id, commit, paths)
 
 
+def _remove_download(got: Downloaded) -> None:
+    for p in got.files:
+        with contextlib.suppress(OSError):
+            p.resolve().unlink()
+            p.unlink()
+
+
+def _base_name(repo_id: str) -> str:
+    """The catalog name of a checkpoint repository, or the repository's own name."""
+    from starling_local.acquire.catalog import CATALOG
+
+    known = next((m.name for m in CATALOG.values() if m.checkpoint_repo == repo_id), None)
+    return known or repo_id.split("/")[-1].lower()
+
+
+def _register_converted(
+    path: Path, name: str, repo: str | None, commit: str | None
+) -> LibraryEntry:
+    from starling_local.acquire.gguf_file import check_runnable
+    from starling_local.acquire.library import LibraryEntry, ModelLibrary
+
+    info = check_runnable(path)
+    entry = LibraryEntry(
+        name=name,
+        path=str(path.resolve()),
+        quant=info.quant,
+        size=info.size,
+        sha256=None,
+        verified=False,
+        source="converted",
+        repo=repo,
+        revision=commit,
+        filename=path.name,
+    )
+    return ModelLibrary().add(entry)
+
+
 def convert_from_hub(
     repo_id: str,
     *,
@@ -91,13 +128,8 @@ def convert_from_hub(
     progress_factory: ProgressFactory | None = None,
 ) -> LibraryEntry:
     """Download a checkpoint, convert (and quantize) it, and register the result."""
-    from starling_local.acquire.catalog import CATALOG
-    from starling_local.acquire.gguf_file import check_runnable
-    from starling_local.acquire.library import LibraryEntry, ModelLibrary
-
     got = download_checkpoint(repo_id, revision, progress_factory)
-    known = next((m.name for m in CATALOG.values() if m.checkpoint_repo == repo_id), None)
-    base = known or repo_id.split("/")[-1].lower()
+    base = _base_name(repo_id)
     tag = normalize_quant(quant) if quant else outtype.upper()
     final = out or ensure(get_paths().models) / f"{base}-{tag.lower()}.gguf"
     try:
@@ -112,24 +144,8 @@ def convert_from_hub(
         )
     finally:
         if not keep_checkpoint:
-            for p in got.files:
-                with contextlib.suppress(OSError):
-                    p.resolve().unlink()
-                    p.unlink()
-    info = check_runnable(path)
-    entry = LibraryEntry(
-        name=f"{base}:{tag}",
-        path=str(path.resolve()),
-        quant=info.quant,
-        size=info.size,
-        sha256=None,
-        verified=False,
-        source="converted",
-        repo=repo_id,
-        revision=got.commit,
-        filename=path.name,
-    )
-    return ModelLibrary().add(entry)
+            _remove_download(got)
+    return _register_converted(path, f"{base}:{tag}", repo_id, got.commit)
 
 
 def default_output(source: Path, tag: str) -> Path:
@@ -194,3 +210,54 @@ def convert_and_quantize(
             with contextlib.suppress(OSError):
                 intermediate.unlink()
     return final
+
+
+def batch_convert(
+    source: str,
+    *,
+    quants: list[str],
+    out_dir: Path | None = None,
+    outtype: str = "f16",
+    keep_intermediate: bool = False,
+    keep_checkpoint: bool = False,
+    progress_factory: ProgressFactory | None = None,
+) -> list[LibraryEntry]:
+    """Convert one checkpoint (directory or repo id) once, quantize it to every quant in
+    `quants`, register each result, and return the entries."""
+    quants = [normalize_quant(q) for q in quants]
+    kind = OutType(outtype)
+    got = (
+        download_checkpoint(source, None, progress_factory) if looks_like_repo_id(source) else None
+    )
+    directory = got.directory if got else Path(source)
+    base = _base_name(source) if got else directory.name.lower()
+    folder = ensure(out_dir or get_paths().models)
+    intermediate = folder / f"{base}-{kind.value}.gguf"
+    entries = []
+
+    def bar(label: str) -> Any:
+        return progress_factory(label) if progress_factory else None
+
+    try:
+        progress = bar("Converting")
+        try:
+            convert_checkpoint(directory, intermediate, kind, progress, name=base)
+        finally:
+            if progress is not None:
+                progress.close()
+        for quant in quants:
+            out = folder / f"{base}-{quant.lower()}.gguf"
+            progress = bar(f"Quantizing to {quant}")
+            try:
+                quantize(intermediate, out, quant, progress=progress)
+            finally:
+                if progress is not None:
+                    progress.close()
+            repo, commit = (source, got.commit) if got else (None, None)
+            entries.append(_register_converted(out, f"{base}:{quant}", repo, commit))
+    finally:
+        if not keep_intermediate:
+            intermediate.unlink(missing_ok=True)
+        if got is not None and not keep_checkpoint:
+            _remove_download(got)
+    return entries

@@ -45,11 +45,22 @@ class TensorRef:
     nbytes: int
 
     def load_f32(self) -> npt.NDArray[np.float32]:
-        """The tensor as float32, read through a private memory map."""
+        """The tensor as float32, read through a memory map."""
+        return self.load_rows_f32(0, self.shape[0] if self.shape else 1)
+
+    def load_rows_f32(self, start: int, stop: int) -> npt.NDArray[np.float32]:
+        """Rows `start:stop` (of the first dimension) as float32; only they are read."""
         if self.dtype not in _DTYPES:
             raise SafetensorsError(f"{self.path.name}: {self.name}: unsupported dtype {self.dtype}")
+        item = np.dtype(_DTYPES[self.dtype]).itemsize
+        row = int(np.prod(self.shape[1:])) if len(self.shape) > 1 else 1
+        shape = (stop - start, *self.shape[1:]) if self.shape else ()
         raw = np.memmap(
-            self.path, dtype=_DTYPES[self.dtype], mode="r", offset=self.offset, shape=self.shape
+            self.path,
+            dtype=_DTYPES[self.dtype],
+            mode="r",
+            offset=self.offset + start * row * item,
+            shape=shape,
         )
         try:
             if self.dtype == "BF16":

@@ -22,12 +22,19 @@ def help_seconds(runs: int = 5) -> float:
     return best
 
 
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across exec, so a child forked from a big parent
+# would report the parent's size.
 _CONVERT_AND_MEASURE = """
-import json, resource, sys
+import json, re, resource, sys
 from pathlib import Path
 from starling_local.acquire.convert import convert_checkpoint, OutType
 convert_checkpoint(Path(sys.argv[1]), Path(sys.argv[2]), OutType.F16)
-print(json.dumps({"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+try:
+    status = open("/proc/self/status").read()
+    peak = int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024
+except OSError:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"peak_rss_bytes": peak}))
 """
 
 

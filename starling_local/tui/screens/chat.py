@@ -58,7 +58,15 @@ from starling_local.tui.widgets.sidebar import Sidebar
 from starling_local.tui.widgets.status import StatusBar
 
 #: The streaming reply is shown at most this often (seconds).
-UI_UPDATE_S = 1 / 15
+UI_UPDATE_S = 1 / 10
+
+
+def ui_interval(tail_chars: int) -> float:
+    """Seconds between screen updates of a streaming reply whose last paragraph is
+    `tail_chars` long: 1/10 s, growing with the paragraph so rendering stays a small cost."""
+    return min(1.0, max(UI_UPDATE_S, tail_chars / 30_000))
+
+
 CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
 NO_MODEL_HELP = """\
 **No model yet.** In a terminal, run:
@@ -105,6 +113,7 @@ class ChatScreen(Screen[None]):
         self.md_stream: Any = None
         self.dropped = 0
         self.kv: Any = None
+        self._status_at = 0.0
         self.render_lag_s: float | None = None
         """Last token generated -> whole reply on screen and saved, for the last reply."""
 
@@ -296,13 +305,17 @@ class ChatScreen(Screen[None]):
         start = time.perf_counter()
         last_post = start
         pending: list[str] = []
+        tail = 0  # characters since the last paragraph break: what the UI re-renders each time
         try:
             for chunk in reply.stream:
                 pending.append(chunk)
+                _head, brk, rest = chunk.rpartition("\n\n")
+                tail = len(rest) if brk else tail + len(chunk)
                 now = time.perf_counter()
-                # One UI update per frame at most: a message per token would make the UI
-                # thread compete with generation for the GIL on fast models.
-                if now - last_post >= UI_UPDATE_S:
+                # At most one UI update per frame, and fewer while the last paragraph grows long
+                # (Markdown re-renders that paragraph each time): a message per token would
+                # make the UI thread compete with generation on fast models.
+                if now - last_post >= ui_interval(tail):
                     count = reply.stream.stats.completion_tokens
                     self.post_message(ReplyChunk("".join(pending), count, count / (now - start)))
                     pending.clear()
@@ -333,7 +346,10 @@ class ChatScreen(Screen[None]):
             self.recorder.feed(message.text)
         if self.md_stream is not None:
             await self.md_stream.write(message.text)
-        self.status.set(speed=f"{message.tokens_per_s:.1f} tok/s")
+        now = time.monotonic()
+        if now - self._status_at >= 0.5:  # a status update re-lays-out the screen: twice a second
+            self._status_at = now
+            self.status.set(speed=f"{message.tokens_per_s:.1f} tok/s")
 
     async def on_reply_done(self, message: ReplyDone) -> None:
         if self.md_stream is not None:

@@ -24,8 +24,8 @@ from starling_local.acquire.safetensors_io import (
     iter_checkpoint,
     to_bf16_bits,
 )
-from starling_local.chat.template import END_OF_TURN
 from starling_local.errors import StarlingError, UsageError
+from starling_local.vocab import END_OF_TURN
 
 SUPPORTED = ("MistralForCausalLM", "LlamaForCausalLM")
 

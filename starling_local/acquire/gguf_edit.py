@@ -64,7 +64,7 @@ def rewrite_metadata(
 def fix_starling_gguf(src: Path, dst: Path) -> list[str]:
     """Write a copy of `src` with the known Starling defects corrected; return what changed."""
     from starling_local.acquire.gguf_file import OPENCHAT_TEMPLATE, GGUFError, check_runnable
-    from starling_local.chat.template import END_OF_TURN, END_OF_TURN_ID, PAD_ID
+    from starling_local.vocab import END_OF_TURN, END_OF_TURN_ID, PAD_ID
 
     info = check_runnable(src)
     if info.special_tokens.get(END_OF_TURN_ID, ("", ""))[0] != END_OF_TURN:

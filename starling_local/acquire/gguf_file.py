@@ -15,8 +15,8 @@ from starling_local.acquire.gguf_header import (
     HeaderError,
     read_header,
 )
-from starling_local.chat.template import END_OF_TURN, END_OF_TURN_ID
 from starling_local.errors import StarlingError
+from starling_local.vocab import END_OF_TURN, END_OF_TURN_ID
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURES = ("llama",)

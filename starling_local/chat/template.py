@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
-BOS_ID = 1
-EOS_ID = 2
-END_OF_TURN_ID = 32000
-PAD_ID = 32001
-BOS_TEXT = "<s>"
-END_OF_TURN = "<|end_of_turn|>"
+from starling_local.vocab import BOS_ID, BOS_TEXT, END_OF_TURN, END_OF_TURN_ID, EOS_ID, PAD_ID
+
+__all__ = ["BOS_ID", "END_OF_TURN", "END_OF_TURN_ID", "EOS_ID", "PAD_ID"]
 
 Role = Literal["system", "user", "assistant"]
 ROLES: tuple[Role, ...] = ("system", "user", "assistant")

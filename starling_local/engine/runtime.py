@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from starling_local.acquire.gguf_file import GGUFInfo, check_runnable
-from starling_local.chat.template import END_OF_TURN_ID, EOS_ID
 from starling_local.engine.system import (
     backend,
     extra_buffers_enabled,
@@ -28,6 +27,7 @@ from starling_local.engine.system import (
 )
 from starling_local.errors import StarlingError
 from starling_local.paths import get_paths
+from starling_local.vocab import END_OF_TURN_ID, EOS_ID
 
 StopReason = Literal["end_of_turn", "length", "cancelled"]
 

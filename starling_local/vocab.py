@@ -1,0 +1,12 @@
+"""Starling's special tokens (the Mistral v1 vocabulary plus OpenChat's two added tokens).
+
+Shared by every layer: the template, the engine's stop ids, the converter and the GGUF checks.
+"""
+
+BOS_ID = 1
+EOS_ID = 2
+END_OF_TURN_ID = 32000
+PAD_ID = 32001
+BOS_TEXT = "<s>"
+END_OF_TURN = "<|end_of_turn|>"
+PAD = "<|pad_0|>"

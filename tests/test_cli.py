@@ -9,27 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.cards import CARD_SINGLE
 from tests.cli_helpers import assert_one_line_error, starling
-
-CARD_SINGLE = [
-    1,
-    420,
-    6316,
-    28781,
-    3198,
-    3123,
-    1247,
-    28747,
-    22557,
-    32000,
-    420,
-    6316,
-    28781,
-    3198,
-    3123,
-    21631,
-    28747,
-]
 
 
 def test_ask_json(tiny_q4: Path, starling_home: Path) -> None:

@@ -15,31 +15,11 @@ from starling_local.acquire.gguf_file import OPENCHAT_TEMPLATE, read_gguf
 from starling_local.acquire.gguf_header import read_header
 from starling_local.acquire.quantize import quantize
 from starling_local.errors import StarlingError, UsageError
+from tests.cards import CARD_MULTI
 from tests.reference_mistral import forward
 
-PROMPT = [
-    1,
-    420,
-    6316,
-    28781,
-    3198,
-    3123,
-    1247,
-    28747,
-    22557,
-    32000,
-    420,
-    6316,
-    28781,
-    3198,
-    3123,
-    21631,
-    28747,
-    15359,
-    32000,
-    7596,
-    1247,
-]
+# A multi-turn prompt plus a code-mode prefix: every kind of token the template produces.
+PROMPT = [*CARD_MULTI[:19], 7596, 1247]
 
 
 def llama_logits(gguf: Path, tokens: list[int]) -> np.ndarray:

@@ -150,6 +150,15 @@ def resolve_model_spec(spec: str | None) -> Path:
     raise UsageError(f"no such model or file: {spec} (catalog names: {known})")
 
 
+def display_name(path: Path) -> str:
+    """The library name of a model file when it has one (so a saved conversation survives the
+    file moving, e.g. a re-download), else its path."""
+    for entry in ModelLibrary().entries():
+        if entry.path == str(path):
+            return entry.name
+    return str(path)
+
+
 def _newest(library: ModelLibrary) -> LibraryEntry | None:
     entries = [e for e in library.entries() if e.exists]
     return max(entries, key=lambda e: e.added) if entries else None

@@ -83,6 +83,7 @@ def _style(args: argparse.Namespace, base: PromptStyle | None = None) -> PromptS
 
 
 def run_ask(args: argparse.Namespace) -> int:
+    from starling_local.acquire.library import display_name
     from starling_local.chat.conversation import (
         ReplyRecorder,
         params_dict,
@@ -123,7 +124,7 @@ def run_ask(args: argparse.Namespace) -> int:
         settings = {
             "mode": style.mode.value,
             "system": system,
-            "model": _model_name(model),
+            "model": display_name(model),
             "params": params_dict(params, style),
         }
         if conversation is None:
@@ -189,17 +190,6 @@ def _store() -> Any:
     from starling_local.store.conversations import ConversationStore
 
     return ConversationStore()
-
-
-def _model_name(path: Any) -> str:
-    """The library name of a model file when it has one (so a conversation survives a
-    re-download to another path), else the path."""
-    from starling_local.acquire.library import ModelLibrary
-
-    for entry in ModelLibrary().entries():
-        if entry.path == str(path):
-            return entry.name
-    return str(path)
 
 
 def _ask_json(reply: Any, model: str) -> dict[str, Any]:

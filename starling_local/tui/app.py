@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 from textual.app import App, SystemCommand
@@ -68,15 +67,6 @@ class StarlingApp(App[None]):
         if isinstance(screen, ChatScreen):
             for title, help_text, action in COMMANDS:
                 yield SystemCommand(title, help_text, getattr(screen, f"action_{action}"))
-
-    def model_name(self, path: Path) -> str:
-        """The library name of a model file when it has one, else its path."""
-        from starling_local.acquire.library import ModelLibrary
-
-        for entry in ModelLibrary().entries():
-            if entry.path == str(path):
-                return entry.name
-        return str(path)
 
     def on_unmount(self) -> None:
         if self.engine is not None:

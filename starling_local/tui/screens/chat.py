@@ -19,6 +19,7 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Markdown
 
+from starling_local.acquire.library import display_name
 from starling_local.chat.conversation import (
     ReplyRecorder,
     params_dict,
@@ -252,7 +253,7 @@ class ChatScreen(Screen[None]):
             self.conversation = self.store.create(
                 mode=self.draft["mode"],
                 system=self.draft["system"],
-                model=self.app.model_name(self.engine.path),  # type: ignore[attr-defined]
+                model=display_name(self.engine.path),
                 params=self.draft["params"],
             )
         self.store.add_message(self.conversation.id, "user", text)  # committed first

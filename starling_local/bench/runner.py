@@ -69,7 +69,7 @@ def run_bench(
         "machine": platform.processor() or platform.machine(),
     }
     decode = compare_decode(engine, n=tokens)
-    figures["decode"] = {**asdict(decode), "ratio": decode.ratio}
+    figures["decode"] = asdict(decode)
     figures["multi_turn"] = [asdict(t) for t in multi_turn(engine, turns=turns)]
     if tui_tokens:
         # The TUI's reply is long, and decoding slows as the context grows: compare it with

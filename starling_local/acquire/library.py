@@ -88,6 +88,38 @@ class ModelLibrary:
             self._write(entries)
         return entry
 
+    def register(
+        self,
+        path: Path,
+        *,
+        name: str,
+        source: str,
+        quant: str | None = None,
+        sha256: str | None = None,
+        verified: bool = False,
+        repo: str | None = None,
+        revision: str | None = None,
+    ) -> LibraryEntry:
+        """Check that `path` is a runnable GGUF and add it under `name` (the one place entries
+        are made from files)."""
+        from starling_local.acquire.gguf_file import check_runnable
+
+        info = check_runnable(path)
+        return self.add(
+            LibraryEntry(
+                name=name,
+                path=str(path if path.is_symlink() else path.resolve()),
+                quant=quant or info.quant,
+                size=info.size,
+                sha256=sha256,
+                verified=verified,
+                source=source,
+                repo=repo,
+                revision=revision,
+                filename=path.name,
+            )
+        )
+
     def find(self, name: str) -> LibraryEntry | None:
         """An entry by exact name, or by model name alone (`starling-lm-7b-alpha`), preferring
         the default quantization, then the newest."""

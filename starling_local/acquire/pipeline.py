@@ -96,23 +96,9 @@ def _base_name(repo_id: str) -> str:
 def _register_converted(
     path: Path, name: str, repo: str | None, commit: str | None
 ) -> LibraryEntry:
-    from starling_local.acquire.gguf_file import check_runnable
-    from starling_local.acquire.library import LibraryEntry, ModelLibrary
+    from starling_local.acquire.library import ModelLibrary
 
-    info = check_runnable(path)
-    entry = LibraryEntry(
-        name=name,
-        path=str(path.resolve()),
-        quant=info.quant,
-        size=info.size,
-        sha256=None,
-        verified=False,
-        source="converted",
-        repo=repo,
-        revision=commit,
-        filename=path.name,
-    )
-    return ModelLibrary().add(entry)
+    return ModelLibrary().register(path, name=name, source="converted", repo=repo, revision=commit)
 
 
 def convert_from_hub(

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from starling_local.acquire.catalog import ModelRef, is_repo_file_spec, parse_model_ref
-from starling_local.acquire.gguf_file import check_runnable
 from starling_local.acquire.hub import (
     ChecksumError,
     HubError,
@@ -136,36 +135,21 @@ def _register(
     *,
     verified: bool,
 ) -> LibraryEntry:
-    info = check_runnable(path)
-    entry = LibraryEntry(
+    return library.register(
+        path,
         name=target.name,
-        path=str(path),
-        quant=target.quant or info.quant,
-        size=path.stat().st_size,
+        source=source,
+        quant=target.quant,
         sha256=sha,
         verified=verified,
-        source=source,
         repo=target.repo_id,
         revision=commit,
-        filename=target.filename,
     )
-    return library.add(entry)
 
 
 def register_local(path: Path, library: ModelLibrary | None = None) -> LibraryEntry:
     """Add a GGUF file already on disk to the library under its file name."""
-    info = check_runnable(path)
-    entry = LibraryEntry(
-        name=path.stem,
-        path=str(path.resolve()),
-        quant=info.quant,
-        size=info.size,
-        sha256=None,
-        verified=False,
-        source="local",
-        filename=path.name,
-    )
-    return (library or ModelLibrary()).add(entry)
+    return (library or ModelLibrary()).register(path, name=path.stem, source="local")
 
 
 def _pull_modelscope(target: PullTarget, revision: str | None) -> tuple[Path, str | None, str]:

@@ -1,12 +1,45 @@
-"""A terminal progress line on stderr (nothing at all when stderr is not a terminal)."""
+"""Progress reporting: the one `Progress` protocol, and a terminal progress line on stderr.
+
+Long jobs (downloads, conversion, quantization) take a `Progress` callable; front ends pass a
+`ProgressFactory` that makes one per step (a terminal line here, a Textual bar in the app).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
-from typing import TextIO
+from collections.abc import Callable, Iterator
+from typing import Protocol, TextIO
 
-from starling_local.acquire.files import human_bytes
+from starling_local.files import human_bytes
+
+
+class Progress(Protocol):
+    """Told how far a job is: `done` of `total` units (bytes), with a short detail."""
+
+    def __call__(self, done: int, total: int, detail: str = "", /) -> None: ...
+
+
+class ProgressBar(Progress, Protocol):
+    """A `Progress` shown somewhere, which is closed when its step ends."""
+
+    def close(self, message: str = "") -> None: ...
+
+
+#: Makes the bar of one step from its label (`"Downloading x.gguf"`).
+ProgressFactory = Callable[[str], ProgressBar]
+
+
+@contextlib.contextmanager
+def progress_bar(factory: ProgressFactory | None, label: str) -> Iterator[ProgressBar | None]:
+    """A bar for one step (or None without a factory), closed when the step ends."""
+    bar = factory(label) if factory is not None else None
+    try:
+        yield bar
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def _clock(seconds: float) -> str:
@@ -15,7 +48,8 @@ def _clock(seconds: float) -> str:
 
 
 class ProgressLine:
-    """`label  45% [#########-----------] 1.2 GiB / 2.6 GiB  120 MiB/s  ETA 0:00:12  detail`."""
+    """`label  45% [#########-----------] 1.2 GiB / 2.6 GiB  120 MiB/s  ETA 0:00:12  detail`
+    on stderr (nothing at all when stderr is not a terminal)."""
 
     def __init__(
         self, label: str, stream: TextIO | None = None, enabled: bool | None = None

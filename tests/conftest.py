@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from starling_local.acquire.convert import OutType, convert_checkpoint
-from starling_local.acquire.gguf_edit import rewrite_metadata
 from starling_local.acquire.quantize import quantize
 from starling_local.acquire.synthetic import make_checkpoint
 from starling_local.engine.runtime import Engine
+from starling_local.gguf.edit import rewrite_metadata
 
 #: The `<|end_of_turn|>` logit of the "eager" model: it ends a greedy reply after ~15 tokens.
 EAGER_EOT_LOGIT = 5.0

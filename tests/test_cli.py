@@ -65,22 +65,66 @@ def test_ask_reads_stdin_and_streams_text(eager_gguf: Path, starling_home: Path)
 
 
 def test_ask_with_system_and_code_mode(tiny_q4: Path, starling_home: Path) -> None:
+    style = ("--mode", "code", "--system", "Be terse")
     r = starling(
-        "ask",
-        "Sort a list",
-        "--model",
-        tiny_q4,
-        "--mode",
-        "code",
-        "--system",
-        "Be terse",
-        "--json",
-        "--max-tokens",
-        "4",
+        "ask", "Sort a list", "--model", tiny_q4, *style, "--json", "--max-tokens", "4",
         home=starling_home,
-    )
+    )  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["completion_tokens"] == 4
+    out = json.loads(r.stdout)
+    messages = json.dumps([{"role": "user", "content": "Sort a list"}])
+    rendered = starling("render", *style, stdin=messages).stdout
+    assert (
+        rendered
+        == "<s>Be terse<|end_of_turn|>Code User: Sort a list<|end_of_turn|>Code Assistant:\n"
+    )
+    tokens = json.loads(
+        starling("render", "--tokens", "--model", tiny_q4, *style, stdin=messages).stdout
+    )
+    assert tokens[-3:] == [7596, 21631, 28747]  # Code Assistant:
+    assert out["prompt_tokens"] == len(tokens)  # the reply was given exactly that prompt
+    plain = json.loads(starling("render", "--tokens", "--model", tiny_q4, stdin=messages).stdout)
+    assert len(plain) != len(tokens)
+    saved = json.loads(
+        starling(
+            "history", "export", str(out["conversation_id"]), "--format", "json", home=starling_home
+        ).stdout
+    )
+    assert (saved["mode"], saved["system"]) == ("code", "Be terse")
+
+
+def _saved_params(cid: int, home: Path) -> dict[str, object]:
+    export = starling("history", "export", str(cid), "--format", "json", home=home)
+    return dict(json.loads(export.stdout)["params"])
+
+
+def test_continue_keeps_saved_settings_and_saves_given_ones(
+    tiny_q4: Path, starling_home: Path
+) -> None:
+    def ask(*args: str | Path) -> dict[str, object]:
+        r = starling("ask", *args, "--json", home=starling_home)
+        assert r.returncode == 0, r.stderr
+        return dict(json.loads(r.stdout))
+
+    first = ask("Hi", "--model", tiny_q4, "--temperature", "0", "--seed", "7", "--max-tokens", "3")
+    cid = int(str(first["conversation_id"]))
+    assert first["completion_tokens"] == 3
+    saved = _saved_params(cid, starling_home)
+    assert (saved["temperature"], saved["seed"], saved["max_tokens"]) == (0.0, 7, 3)
+
+    again = ask("More", "--continue")  # no flags: the saved settings apply, and stay
+    assert again["conversation_id"] == cid and again["completion_tokens"] == 3
+    assert _saved_params(cid, starling_home) == saved
+
+    changed = ask("Longer", "--continue", "--max-tokens", "5", "--mode", "code")
+    assert changed["completion_tokens"] == 5  # the flag applied to this reply ...
+    after = _saved_params(cid, starling_home)  # ... and was saved; the rest kept
+    assert (after["temperature"], after["seed"], after["max_tokens"]) == (0.0, 7, 5)
+    export = json.loads(
+        starling("history", "export", str(cid), "--format", "json", home=starling_home).stdout
+    )
+    assert export["mode"] == "code"
+    assert "ignore_eos" not in after and "stop_at_end_of_turn" not in after
 
 
 def test_ask_ctrl_c_stops_cleanly(tiny_q4: Path, starling_home: Path) -> None:
@@ -147,7 +191,7 @@ def test_convert_and_quantize_commands(tiny_checkpoint: Path, tmp_path: Path) ->
     out = tmp_path / "m.gguf"
     r = starling("convert", tiny_checkpoint, "--out", out, "--quant", "q8_0")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == str(out)
+    assert r.stdout.strip() == f"tiny-starling:Q8_0\t{out.resolve()}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]  # intermediate removed
     kept = tmp_path / "k.gguf"
     r = starling("convert", tiny_checkpoint, "--out", kept, "--quant", "Q4_0", "--keep-f16")
@@ -284,32 +328,38 @@ def test_history_commands(tiny_q4: Path, starling_home: Path, tmp_path: Path) ->
     assert_one_line_error(starling("history", "import", bad, home=starling_home), 2, "not a JSON")
 
 
-def test_batch_convert_script(tiny_checkpoint: Path, tmp_path: Path, starling_home: Path) -> None:
-    env = dict(os.environ, STARLING_HOME=str(starling_home))
-    r = subprocess.run(
-        [
-            sys.executable,
-            "scripts/convert_starling.py",
-            str(tiny_checkpoint),
-            "--quant",
-            "Q4_0",
-            "Q8_0",
-            "--out-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=Path(__file__).resolve().parents[1],
+def test_convert_to_several_quants(
+    tiny_checkpoint: Path, tmp_path: Path, starling_home: Path
+) -> None:
+    r = starling(
+        "convert",
+        tiny_checkpoint,
+        "--quant",
+        "Q4_0",
+        "Q8_0",
+        "--out-dir",
+        tmp_path,
+        home=starling_home,
     )
     assert r.returncode == 0, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "tiny-starling-q4_0.gguf",
         "tiny-starling-q8_0.gguf",
-    ]  # the F16 intermediate is gone
+    ]  # converted once; the F16 intermediate is gone
+    assert [line.split("\t")[0] for line in r.stdout.splitlines()] == [
+        "tiny-starling:Q4_0",
+        "tiny-starling:Q8_0",
+    ]
     listed = json.loads(starling("models", "--json", home=starling_home).stdout)
     assert sorted(m["name"] for m in listed) == ["tiny-starling:Q4_0", "tiny-starling:Q8_0"]
     assert {m["source"] for m in listed} == {"converted"}
+    assert_one_line_error(
+        starling(
+            "convert", tiny_checkpoint, "--quant", "Q4_0", "Q8_0", "--out", tmp_path / "x.gguf"
+        ),
+        2,
+        "--out names one file",
+    )
 
 
 def test_bench_runs_end_to_end(tiny_q4: Path, tmp_path: Path, starling_home: Path) -> None:

@@ -11,10 +11,10 @@ import pytest
 from starling_local.acquire import convert as convert_module
 from starling_local.acquire import files
 from starling_local.acquire.convert import ConvertError, OutType, convert_checkpoint
-from starling_local.acquire.gguf_file import OPENCHAT_TEMPLATE, read_gguf
-from starling_local.acquire.gguf_header import read_header
 from starling_local.acquire.quantize import quantize
 from starling_local.errors import StarlingError, UsageError
+from starling_local.gguf.header import read_header
+from starling_local.gguf.info import OPENCHAT_TEMPLATE, read_gguf
 from tests.cards import CARD_MULTI
 from tests.reference_mistral import forward
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from starling_local.acquire.gguf_file import GGUFError
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import END_OF_TURN_ID, Message, render_tokens
 from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.gguf.info import GGUFError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 
@@ -60,7 +60,7 @@ def test_eos2_file_is_compensated_at_load(eager_eos2_gguf: Path) -> None:
     eng = Engine(eager_eos2_gguf, n_ctx=256)
     try:
         assert eng.info.eos_id == 2
-        assert eng._llm.token_eos() == END_OF_TURN_ID
+        assert eng.eos_token_id == END_OF_TURN_ID
     finally:
         eng.close()
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from starling_local.acquire.gguf_edit import rewrite_metadata
-from starling_local.acquire.gguf_file import GGUFError, check_runnable, read_gguf
 from starling_local.engine.runtime import Engine
+from starling_local.gguf.edit import rewrite_metadata
+from starling_local.gguf.info import GGUFError, check_runnable, read_gguf
 from tests.cli_helpers import assert_one_line_error, starling
 
 
@@ -45,7 +45,7 @@ def test_fix_writes_a_correct_copy(eager_eos2_gguf: Path, tmp_path: Path) -> Non
 
 
 def test_fix_marks_end_of_turn_control(tiny_f16: Path, tmp_path: Path) -> None:
-    from starling_local.acquire.gguf_header import read_header
+    from starling_local.gguf.header import read_header
 
     types = list(read_header(tiny_f16).fields["tokenizer.ggml.token_type"])
     types[32000] = 4  # USER_DEFINED, as some converters write it

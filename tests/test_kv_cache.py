@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import json
+import os
+import struct
 from pathlib import Path
+
+import llama_cpp
+import pytest
 
 from starling_local.chat.kv_cache import ConversationCache, forget
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
 from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.state_file import MAGIC
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 
@@ -43,19 +50,93 @@ def test_resume_in_a_new_engine_evaluates_only_the_new_turn(tiny_q4: Path, tmp_p
     second.close()
 
 
-def test_bad_or_foreign_state_files_fall_back_to_full_evaluation(
-    tiny_q4: Path, tmp_path: Path
+def _rewrite_header(path: Path, **changes: object) -> None:
+    """Change header fields of a state file, keeping its payload (and checksum) as it is."""
+    data = path.read_bytes()
+    start = len(MAGIC) + 4
+    (length,) = struct.unpack("<I", data[len(MAGIC) : start])
+    header = {**json.loads(data[start : start + length]), **changes}
+    raw = json.dumps(header).encode()
+    path.write_bytes(MAGIC + struct.pack("<I", len(raw)) + raw + data[start + length :])
+
+
+def _spoil(kind: str, path: Path, foreign: Path) -> None:
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    elif kind == "random":
+        path.write_bytes(os.urandom(path.stat().st_size))
+    elif kind == "one flipped byte":
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif kind == "another model":
+        path.write_bytes(foreign.read_bytes())
+    elif kind == "another llama-cpp-python":
+        _rewrite_header(path, llama_cpp_python="0.3.1")
+    elif kind == "another format":
+        _rewrite_header(path, format=99)
+
+
+BAD_FILES = [
+    "truncated",
+    "random",
+    "one flipped byte",
+    "another model",
+    "another llama-cpp-python",
+    "another format",
+]
+
+
+@pytest.mark.parametrize("kind", BAD_FILES)
+def test_bad_state_files_are_deleted_and_the_history_evaluated(
+    kind: str, tiny_q4: Path, eager_gguf: Path, tmp_path: Path
 ) -> None:
-    engine = Engine(tiny_q4, n_ctx=512)
+    """Each of these crashed (or would crash) llama.cpp if it read them: `GGML_ASSERT(nread <=
+    state_size)` for a truncated file. The header check stops them first."""
+    other = Engine(eager_gguf, n_ctx=1024)
+    _conversation(other)
+    foreign = ConversationCache(other, root=tmp_path / "other")
+    foreign.save(5)
+    other.close()
+
+    engine = Engine(tiny_q4, n_ctx=1024)
+    history = _conversation(engine)
     cache = ConversationCache(engine, root=tmp_path)
+    assert cache.save(5) > 0
+    messages = [*history, Message("user", "And then?")]
+    engine.close()
+    cold = Engine(tiny_q4, n_ctx=1024)  # what a full evaluation of the history gives
+    expected = start_reply(cold, messages, params=GREEDY).stream.consume()
+    cold.close()
+
     path = cache.path_for(5)
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b"garbage" * 100)
-    prompt = start_reply(engine, [Message("user", "hi")], params=GREEDY).prompt.tokens
-    assert cache.restore(5, prompt) == 0
-    r = start_reply(engine, [Message("user", "hi")], params=GREEDY)
-    r.stream.consume()
-    assert r.stream.stats.completion_tokens == 8
+    _spoil(kind, path, foreign.path_for(5))
+    fresh = Engine(tiny_q4, n_ctx=1024)
+    later = ConversationCache(fresh, root=tmp_path)
+    restored: list[int] = []
+    r = start_reply(
+        fresh, messages, params=GREEDY, resume=lambda t: restored.append(later.restore(5, t))
+    )
+    assert r.stream.consume() == expected  # the reply still comes, the same one
+    assert restored == [0]
+    assert r.stream.stats.prompt_evaluated == r.stream.stats.prompt_tokens  # history evaluated
+    assert not path.exists()  # the bad file is gone
+    fresh.close()
+
+
+def test_the_header_records_what_made_the_file(tiny_q4: Path, tmp_path: Path) -> None:
+    engine = Engine(tiny_q4, n_ctx=1024)
+    _conversation(engine)
+    cache = ConversationCache(engine, root=tmp_path)
+    size = cache.save(1)
+    data = cache.path_for(1).read_bytes()
+    assert len(data) == size and data.startswith(MAGIC)
+    (length,) = struct.unpack("<I", data[len(MAGIC) : len(MAGIC) + 4])
+    header = json.loads(data[len(MAGIC) + 4 : len(MAGIC) + 4 + length])
+    assert header["model"] == engine.model_key
+    assert header["llama_cpp_python"] == llama_cpp.__version__
+    assert header["n_tokens"] > 300 and header["format"] == 1
+    assert len(data) == len(MAGIC) + 4 + length + 4 * header["n_tokens"] + header["payload_bytes"]
     engine.close()
 
 

@@ -11,10 +11,13 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from starling_local.chat.transcripts import from_json, to_json, to_markdown
+from starling_local.errors import UsageError
 from starling_local.store.conversations import ConversationStore, NotFoundError, title_from
 from starling_local.store.migrations import MIGRATIONS, SchemaTooNewError, migrate
 
@@ -101,19 +104,38 @@ def test_export_import_round_trip(store: ConversationStore) -> None:
     c = store.create(mode="code", system="sys", model="x")
     store.add_message(c.id, "user", "Hello")
     store.add_message(c.id, "assistant", "Hi", incomplete=True, stop_reason="cancelled")
-    data = store.export_json(c.id)
+    data = to_json(store.get(c.id))
     assert set(data) >= {"id", "title", "mode", "system", "model", "messages"}
-    copy = store.import_json(json.loads(json.dumps(data)))
+    copy = store.insert(from_json(json.loads(json.dumps(data))))
     assert copy.id != c.id
     assert [(m.role, m.content, m.incomplete) for m in copy.messages] == [
         ("user", "Hello", False),
         ("assistant", "Hi", True),
     ]
     assert (copy.mode, copy.system, copy.title) == ("code", "sys", "Hello")
-    md = store.export_markdown(c.id)
+    md = to_markdown(store.get(c.id))
     assert "## You" in md and "## Starling *(incomplete)*" in md
-    with pytest.raises(Exception, match="role must be"):
-        store.import_json({"messages": [{"role": "robot", "content": "x"}]})
+    with pytest.raises(UsageError, match="role must be"):
+        from_json({"messages": [{"role": "robot", "content": "x"}]})
+
+
+def test_insert_is_all_or_nothing(store: ConversationStore) -> None:
+    data = {"messages": [{"role": "user", "content": "kept?"}]}
+    conv = from_json(data)
+    conv.messages.append(replace(conv.messages[0], role="robot"))
+    with pytest.raises(UsageError, match="role must be"):
+        store.insert(conv)
+    assert store.conversations() == []  # the conversation row was rolled back too
+
+
+def test_update_takes_typed_fields(store: ConversationStore) -> None:
+    c = store.create()
+    assert store.update(c.id, title="T", params={"seed": 3}).params == {"seed": 3}
+    assert store.update(c.id).title == "T"  # nothing given, nothing changed
+    with pytest.raises(TypeError):
+        store.update(c.id, colour="red")  # type: ignore[call-arg]
+    with pytest.raises(UsageError, match="mode must be"):
+        store.update(c.id, mode="poetry")
 
 
 @pytest.mark.parametrize("upto", [name for name, _ in MIGRATIONS])

@@ -35,9 +35,9 @@ def screen(app: StarlingApp) -> ChatScreen:
 
 
 async def ready(pilot: Any, app: StarlingApp) -> ChatScreen:
-    await until(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.engine is not None)
+    await until(pilot, lambda: isinstance(app.screen, ChatScreen) and app.screen.model_ready)
     s = screen(app)
-    s.draft["params"] = {"temperature": 0.0}  # greedy: the same reply every run
+    s.settings = s.settings.with_sampling(temperature=0.0)  # greedy: the same reply every run
     return s
 
 
@@ -97,13 +97,12 @@ async def test_escape_stops_and_keeps_the_partial_reply(
     app = StarlingApp(model=str(tiny_q4), store=store, n_ctx=4096)
     async with app.run_test(size=SIZE) as pilot:
         s = await ready(pilot, app)
-        # A reply that would run to the end of the 4096-token window unless stopped.
-        s.draft["params"] = {"temperature": 0.0, "max_tokens": 4096, "stop_at_end_of_turn": False}
+        # A reply that runs to the end of the 4096-token window unless stopped (the random
+        # model does not end its turns).
+        s.settings = s.settings.with_sampling(max_tokens=4096)
         s.query_one("#input", TextArea).text = "Go on and on"
         await pilot.press("enter")
-        await until(
-            pilot, lambda: s.reply_view is not None and bool(s.recorder and s.recorder.text)
-        )
+        await until(pilot, lambda: s.reply_view is not None and bool(s.reply_view.markdown.source))
         await pilot.press("escape")
         await until(pilot, lambda: not s.generating)
         reply = store.get(store.conversations()[0].id).messages[-1]

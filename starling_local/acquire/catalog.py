@@ -23,6 +23,8 @@ class GGUFRepo:
     sizes: dict[str, int]
     sha256: dict[str, str] = field(default_factory=dict)
     exact_sizes: bool = True
+    modelscope_repo_id: str | None = None
+    """A ModelScope repository holding the same files, where one is known."""
 
     def filename(self, quant: str) -> str:
         return self.pattern.format(quant=quant)
@@ -68,6 +70,7 @@ CATALOG: dict[str, CatalogModel] = {
             },
         ),
         license="research preview, non-commercial",
+        # ModelScope mirrors the original weights (for `starling convert`), not these GGUFs.
         modelscope_repo="AI-ModelScope/Starling-LM-7B-alpha",
     ),
     "starling-lm-7b-beta": CatalogModel(

@@ -17,20 +17,18 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from starling_local.acquire.files import atomic_output, require_free_space
-from starling_local.acquire.gguf_file import OPENCHAT_TEMPLATE
 from starling_local.acquire.safetensors_io import (
     SafetensorsError,
     iter_checkpoint,
     to_bf16_bits,
 )
 from starling_local.errors import StarlingError, UsageError
+from starling_local.files import atomic_output, require_free_space
+from starling_local.gguf.info import OPENCHAT_TEMPLATE
+from starling_local.progress import Progress
 from starling_local.vocab import END_OF_TURN
 
 SUPPORTED = ("MistralForCausalLM", "LlamaForCausalLM")
-
-#: progress(bytes_done, bytes_total, what)
-Progress = Callable[[int, int, str], None]
 
 
 class ConvertError(StarlingError):

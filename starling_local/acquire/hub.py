@@ -13,19 +13,16 @@ import hashlib
 import importlib
 import os
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from starling_local.acquire.files import human_bytes, require_free_space
 from starling_local.errors import StarlingError
+from starling_local.files import human_bytes, require_free_space
+from starling_local.progress import Progress
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
-
-#: progress(bytes_done, bytes_total, what)
-Progress = Callable[[int, int, str], None]
 
 
 class HubError(StarlingError):

@@ -22,6 +22,7 @@ from starling_local.acquire.catalog import (
     is_repo_file_spec,
     parse_model_ref,
 )
+from starling_local.acquire.quantize import DEFAULT_QUANT
 from starling_local.errors import StarlingError, UsageError
 from starling_local.paths import ensure, get_paths
 
@@ -102,7 +103,7 @@ class ModelLibrary:
     ) -> LibraryEntry:
         """Check that `path` is a runnable GGUF and add it under `name` (the one place entries
         are made from files)."""
-        from starling_local.acquire.gguf_file import check_runnable
+        from starling_local.gguf.info import check_runnable
 
         info = check_runnable(path)
         return self.add(
@@ -133,7 +134,7 @@ class ModelLibrary:
         matches = [e for e in entries if e.name.lower().split(":", 1)[0] == lowered]
         if not matches:
             return None
-        preferred = [e for e in matches if e.quant == "Q4_K_M"]
+        preferred = [e for e in matches if e.quant == DEFAULT_QUANT]
         return (preferred or sorted(matches, key=lambda e: e.added))[-1]
 
     def remove(self, name: str) -> LibraryEntry:
@@ -152,12 +153,13 @@ class ModelLibrary:
         return match
 
 
-def resolve_model_spec(spec: str | None) -> Path:
+def resolve_model(spec: str | None) -> Path:
     """A `--model` value -> an existing GGUF path, without touching the network.
 
     Accepts a path, a library name (`starling-lm-7b-beta:Q5_K_M` or `starling-lm-7b-beta`), or
-    nothing (the library's default model).
+    nothing (`$STARLING_MODEL`, then the library's default model).
     """
+    spec = spec or os.environ.get("STARLING_MODEL") or None
     library = ModelLibrary()
     if not spec:
         entry = library.find(DEFAULT_MODEL) or _newest(library)

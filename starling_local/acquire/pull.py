@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from starling_local.acquire.catalog import ModelRef, is_repo_file_spec, parse_model_ref
 from starling_local.acquire.hub import (
@@ -19,8 +17,8 @@ from starling_local.acquire.hub import (
 )
 from starling_local.acquire.library import LibraryEntry, ModelLibrary
 from starling_local.errors import UsageError
+from starling_local.progress import ProgressFactory, progress_bar
 
-ProgressFactory = Callable[[str], Any]
 SOURCES = ("huggingface", "modelscope")
 
 
@@ -33,13 +31,18 @@ class PullTarget:
     filename: str
     quant: str | None
     catalog_sha256: str | None = None
+    modelscope_repo_id: str | None = None
+    """The same file's repository on ModelScope (None: no known mirror)."""
 
 
 def parse_target(spec: str | None, quant: str | None = None) -> PullTarget:
     """`starling-lm-7b-beta:Q5_K_M`, `owner/repo/file.gguf`, or nothing (the default model)."""
     if spec and is_repo_file_spec(spec):
         owner, repo, filename = spec.split("/", 2)
-        return PullTarget(spec, f"{owner}/{repo}", filename, quant.upper() if quant else None)
+        repo_id = f"{owner}/{repo}"
+        quant_tag = quant.upper() if quant else None
+        # An explicit repository is taken as the user named it, on whichever source they chose.
+        return PullTarget(spec, repo_id, filename, quant_tag, modelscope_repo_id=repo_id)
     ref: ModelRef = parse_model_ref(spec, quant)
     return PullTarget(
         ref.key,
@@ -47,6 +50,7 @@ def parse_target(spec: str | None, quant: str | None = None) -> PullTarget:
         ref.filename,
         ref.quant,
         ref.model.gguf.sha256.get(ref.quant),
+        ref.model.gguf.modelscope_repo_id,
     )
 
 
@@ -76,8 +80,7 @@ def pull(
         ms_path, ms_commit, ms_sha = _pull_modelscope(target, revision)
         return _register(library, target, ms_path, ms_sha, ms_commit, "modelscope", verified=False)
 
-    bar = progress_factory(f"Downloading {target.filename}") if progress_factory else None
-    try:
+    with progress_bar(progress_factory, f"Downloading {target.filename}") as bar:
         if _offline():
             cached = cached_file(target.repo_id, target.filename, revision)
             if cached is None:
@@ -111,9 +114,6 @@ def pull(
         expected = remote.sha256 or target.catalog_sha256
         already = cached_file(target.repo_id, target.filename, commit)
         path = fetch(remote, revision=revision or "main", expected_sha256=expected, progress=bar)
-    finally:
-        if bar is not None:
-            bar.close()
     sha: str | None = expected
     if already is not None or expected is None:
         # Not downloaded (and checked) just now: check what the cache holds.
@@ -161,12 +161,17 @@ def _pull_modelscope(target: PullTarget, revision: str | None) -> tuple[Path, st
         raise UsageError(
             "ModelScope downloads need the optional extra: pip install 'starling-local[modelscope]'"
         ) from None
+    if target.modelscope_repo_id is None:
+        raise UsageError(
+            f"{target.name}: no ModelScope mirror of {target.repo_id} is known; "
+            "pass a ModelScope file as OWNER/REPO/FILE.gguf"
+        )
     try:
         local = model_file_download(
-            model_id=target.repo_id, file_path=target.filename, revision=revision
+            model_id=target.modelscope_repo_id, file_path=target.filename, revision=revision
         )
     except Exception as exc:  # modelscope raises many unrelated types
-        raise HubError(f"{target.repo_id}/{target.filename}: ModelScope: {exc}") from exc
+        raise HubError(f"{target.modelscope_repo_id}/{target.filename}: ModelScope: {exc}") from exc
     path = Path(local)
     sha = sha256_of(path)
     if target.catalog_sha256 and sha != target.catalog_sha256:

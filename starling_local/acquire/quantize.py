@@ -5,14 +5,14 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import threading
-from collections.abc import Callable
 from pathlib import Path
 
-from starling_local.acquire.files import atomic_output, require_free_space
-from starling_local.acquire.gguf_file import check_runnable
-from starling_local.engine.system import route_llama_log
 from starling_local.errors import StarlingError, UsageError
+from starling_local.files import atomic_output, require_free_space
+from starling_local.gguf.info import check_runnable
+from starling_local.llamacpp.system import route_llama_log
 from starling_local.paths import get_paths
+from starling_local.progress import Progress
 
 #: Quantization name -> approximate bits per weight (for the disk-space estimate).
 QUANT_BITS: dict[str, float] = {
@@ -36,9 +36,6 @@ QUANT_BITS: dict[str, float] = {
     "BF16": 16.0,
 }
 DEFAULT_QUANT = "Q4_K_M"
-
-#: progress(bytes_done, bytes_expected, what)
-Progress = Callable[[int, int, str], None]
 
 
 class QuantizeError(StarlingError):

@@ -13,7 +13,6 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from starling_local.acquire.gguf_file import OPENCHAT_TEMPLATE
 from starling_local.acquire.safetensors_io import to_bf16_bits, write_safetensors
 from starling_local.errors import StarlingError
+from starling_local.gguf.info import OPENCHAT_TEMPLATE
+from starling_local.progress import Progress
 
 
 @dataclass(frozen=True)
@@ -227,7 +227,7 @@ def make_checkpoint(
     seed: int = 0,
     shards: int = 2,
     eot_logit: float | None = None,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Write a Starling-shaped Hugging Face checkpoint (bf16 safetensors, sharded, indexed).
 
@@ -277,7 +277,7 @@ def make_gguf(
     shape: Shape,
     *,
     seed: int = 0,
-    progress: Callable[[int, int, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> Path:
     """Write a Starling-shaped F16 GGUF directly (no safetensors step): for benchmarks of
     large shapes, where only the speed of the result matters."""

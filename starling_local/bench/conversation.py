@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
@@ -41,9 +40,8 @@ def user_message(i: int) -> str:
 
 def multi_turn(engine: Engine, turns: int = 10, reply_tokens: int = 32) -> list[TurnResult]:
     """Each turn's prompt is the whole conversation; only the new part should be evaluated."""
-    llm: Any = engine._llm
-    llm.n_tokens = 0
-    params = SamplingParams(temperature=0.0, max_tokens=reply_tokens, stop_at_end_of_turn=False)
+    engine.clear_cache()
+    params = SamplingParams(temperature=0.0, max_tokens=reply_tokens, ignore_eos=True)
     history: list[Message] = []
     results = []
     previous = 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
@@ -27,32 +26,27 @@ def raw_decode(engine: Engine, prompt: list[int], n: int) -> float:
     """Tokens/s of a bare `llama_decode` + greedy-sampler loop on the engine's own context."""
     import llama_cpp
 
-    llm: Any = engine._llm
-    ctx = llm._ctx.ctx
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-    llm.n_tokens = 0  # llama-cpp-python's view of the cache: now empty too
-    arr = (llama_cpp.llama_token * len(prompt))(*prompt)
-    if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(prompt))) != 0:
-        raise RuntimeError("llama_decode failed on the prompt")
-    sampler = llama_cpp.llama_sampler_init_greedy()
-    one = (llama_cpp.llama_token * 1)()
-    try:
-        start = time.perf_counter()
-        for _ in range(n):
-            one[0] = llama_cpp.llama_sampler_sample(sampler, ctx, -1)
-            llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1))
-        elapsed = time.perf_counter() - start
-    finally:
-        llama_cpp.llama_sampler_free(sampler)
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    with engine.raw_context() as ctx:
+        arr = (llama_cpp.llama_token * len(prompt))(*prompt)
+        if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(prompt))) != 0:
+            raise RuntimeError("llama_decode failed on the prompt")
+        sampler = llama_cpp.llama_sampler_init_greedy()
+        one = (llama_cpp.llama_token * 1)()
+        try:
+            start = time.perf_counter()
+            for _ in range(n):
+                one[0] = llama_cpp.llama_sampler_sample(sampler, ctx, -1)
+                llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1))
+            elapsed = time.perf_counter() - start
+        finally:
+            llama_cpp.llama_sampler_free(sampler)
     return n / elapsed
 
 
 def starling_decode(engine: Engine, n: int, consume: Callable[[str], None] | None = None) -> float:
     """Decode tokens/s of the path `starling ask` uses (stream text chunks out)."""
-    params = SamplingParams(temperature=0.0, max_tokens=n + 1, stop_at_end_of_turn=False)
-    llm: Any = engine._llm
-    llm.n_tokens = 0  # start from an empty cache, like the raw loop
+    params = SamplingParams(temperature=0.0, max_tokens=n + 1, ignore_eos=True)
+    engine.clear_cache()  # start from an empty cache, like the raw loop
     reply = start_reply(engine, [Message("user", PROMPT)], params=params)
     for chunk in reply.stream:
         if consume is not None:

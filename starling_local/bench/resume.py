@@ -17,7 +17,7 @@ from starling_local.chat.template import Message
 from starling_local.engine.runtime import Engine, SamplingParams
 
 CONVERSATION_ID = 1
-REPLY = SamplingParams(temperature=0.0, max_tokens=4, stop_at_end_of_turn=False)
+REPLY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
 
 _TURN_IN_NEW_PROCESS = """
 import json, sys, time
@@ -35,7 +35,7 @@ messages = [*history, Message("user", "And what happened next?")]
 start = time.perf_counter()
 resume = (lambda tokens: cache.restore(1, tokens)) if use_cache else None
 reply = start_reply(engine, messages, params=SamplingParams(temperature=0.0, max_tokens=4,
-                    stop_at_end_of_turn=False), resume=resume)
+                    ignore_eos=True), resume=resume)
 next(iter(reply.stream))
 ttft = time.perf_counter() - start
 reply.stream.consume()
@@ -48,7 +48,7 @@ def build_history(engine: Engine, target_tokens: int) -> list[Message]:
     """A conversation of about `target_tokens`, grown turn by turn as a user would."""
     history: list[Message] = []
     i = 0
-    params = SamplingParams(temperature=0.0, max_tokens=64, stop_at_end_of_turn=False)
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     while True:
         history.append(
             Message(

@@ -8,10 +8,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from starling_local.acquire.files import human_bytes
 from starling_local.bench.conversation import multi_turn
 from starling_local.bench.decode import compare_decode, starling_decode
 from starling_local.engine.runtime import Engine
+from starling_local.files import human_bytes
 from starling_local.paths import ensure, get_paths
 
 # numpy is imported only inside the functions that need it, after llama.cpp has loaded its

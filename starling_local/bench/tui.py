@@ -24,20 +24,17 @@ async def _measure(model: Path, tokens: int, db: Path) -> dict[str, Any]:
         figures["interactive_s"] = time.perf_counter() - start
         screen = app.screen
         assert isinstance(screen, ChatScreen)
-        while screen.engine is None:
+        while not screen.model_ready:
             await pilot.pause(0.01)
         figures["model_loaded_s"] = time.perf_counter() - start
-        screen.draft["params"] = {
-            "temperature": 0.0,
-            "max_tokens": tokens,
-            "stop_at_end_of_turn": False,
-        }
+        screen.reply_overrides = {"temperature": 0.0, "max_tokens": tokens, "ignore_eos": True}
         screen.render_lag_s = None
         screen.query_one(PromptInput).text = "Write a very long story about a llama."
         await pilot.press("enter")
         while screen.render_lag_s is None:
             await asyncio.sleep(0.2)  # poll rarely: the app, not this loop, should use the CPU
-        conv = app.store.get(app.store.conversations()[0].id)
+        store = app.service.store
+        conv = store.get(store.conversations()[0].id)
         stats = conv.messages[-1].stats or {}
         figures["reply_tokens"] = stats.get("completion_tokens")
         figures["tui_decode_tokens_per_s"] = stats.get("decode_tokens_per_s")

@@ -1,14 +1,14 @@
 """Conversations that resume instantly: each conversation's KV cache saved to disk.
 
-A state file is keyed by the model file (path, size, modification time) and the conversation, so
-a cache is never loaded into another model. Files are removed with their conversation, and the
-folder is kept under a size cap by dropping the least recently used files.
+A state file is kept per model file and conversation (the engine checks its header before
+llama.cpp sees it, so a file of another model or version is never loaded). Files are removed
+with their conversation, and the folder is kept under a size cap by dropping the least recently
+used files.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,11 +28,6 @@ def cap_bytes() -> int:
     return int(value) << 20 if value and value.isdigit() else DEFAULT_CAP_BYTES
 
 
-def model_key(path: Path) -> str:
-    st = path.stat()
-    return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-
-
 class ConversationCache:
     """Save and restore one engine's KV cache per conversation."""
 
@@ -40,7 +35,7 @@ class ConversationCache:
         self.engine = engine
         self.root = root or cache_root()
         self.cap = cap if cap is not None else cap_bytes()
-        self.folder = self.root / model_key(engine.path)
+        self.folder = self.root / engine.model_key
 
     def path_for(self, conversation_id: int) -> Path:
         return self.folder / f"conversation-{conversation_id}.kv"
@@ -54,7 +49,7 @@ class ConversationCache:
 
     def restore(self, conversation_id: int, prompt: Sequence[int]) -> int:
         """Load the saved cache when it covers more of `prompt` than the live one does; return
-        the tokens of `prompt` now cached."""
+        the tokens of `prompt` now cached. A file the engine cannot use is deleted by it."""
         live = self.engine.cached_prefix(prompt)
         path = self.path_for(conversation_id)
         if live >= len(prompt) - 1 or not path.exists():
@@ -66,14 +61,17 @@ class ConversationCache:
         return self.engine.cached_prefix(prompt)
 
     def enforce_cap(self, keep: Path | None = None) -> None:
-        files = sorted(
-            (p for p in self.root.glob("*/*.kv") if p != keep), key=lambda p: p.stat().st_mtime
-        )
-        total = sum(p.stat().st_size for p in files) + (keep.stat().st_size if keep else 0)
-        for old in files:
+        files = []
+        for p in self.root.glob("*/*.kv"):
+            if p != keep:
+                with contextlib.suppress(OSError):
+                    files.append((p.stat().st_mtime, p.stat().st_size, p))
+        files.sort()
+        total = sum(size for _, size, _ in files) + (keep.stat().st_size if keep else 0)
+        for _, size, old in files:
             if total <= self.cap:
                 break
-            total -= old.stat().st_size
+            total -= size
             old.unlink(missing_ok=True)
 
 

@@ -6,18 +6,18 @@ import argparse
 import json
 import signal
 import sys
-import threading
 from typing import Any
 
+from starling_local.chat.service import ReplyStart
+from starling_local.chat.settings import ConversationSettings, with_flags
 from starling_local.chat.template import Message, Mode, PromptStyle, SystemPolicy
 from starling_local.cli.common import (
     add_engine_options,
     add_model_option,
     positive_int,
     read_stdin_text,
-    resolve_model,
 )
-from starling_local.errors import UsageError
+from starling_local.errors import StarlingError, UsageError
 
 
 def register(sub: Any) -> None:
@@ -25,11 +25,14 @@ def register(sub: Any) -> None:
     p.add_argument("prompt", nargs="?", help="the message (default or '-': read standard input)")
     add_model_option(p)
     _add_style_options(p)
-    p.add_argument("--max-tokens", type=positive_int, default=1024)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=40)
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    sampling = p.add_argument_group(
+        "sampling", "default: the conversation's saved settings; given ones are saved with it"
+    )
+    sampling.add_argument("--max-tokens", type=positive_int, default=None, help="default 1024")
+    sampling.add_argument("--temperature", type=float, default=None, help="default 0.7")
+    sampling.add_argument("--top-p", type=float, default=None, help="default 0.95")
+    sampling.add_argument("--top-k", type=int, default=None, help="default 40")
+    sampling.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--stats", action="store_true", help="print timing figures on stderr")
     saved = p.add_mutually_exclusive_group()
@@ -74,105 +77,86 @@ def _add_style_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _style(args: argparse.Namespace, base: PromptStyle | None = None) -> PromptStyle:
-    base = base or PromptStyle()
-    return PromptStyle(
-        Mode(args.mode) if args.mode else base.mode,
-        SystemPolicy(args.system_policy) if args.system_policy else base.policy,
+def _settings(args: argparse.Namespace, base: ConversationSettings) -> ConversationSettings:
+    """The saved (or default) settings with the options given on this command line."""
+    return with_flags(
+        base,
+        mode=args.mode,
+        system=args.system,
+        system_policy=args.system_policy,
+        **{
+            name: getattr(args, name, None)
+            for name in ("max_tokens", "temperature", "top_p", "top_k", "seed")
+        },
     )
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    from starling_local.acquire.library import display_name
-    from starling_local.chat.conversation import (
-        ReplyRecorder,
-        params_dict,
-        style_of,
-        to_messages,
-    )
-    from starling_local.chat.session import start_reply
-    from starling_local.engine.runtime import Engine, SamplingParams
+    from starling_local.acquire.library import display_name, resolve_model
+    from starling_local.chat.service import ConversationService, ReplyHooks
+    from starling_local.chat.settings import settings_of
+    from starling_local.engine.runtime import Engine
+    from starling_local.store.conversations import ConversationStore
 
     text = args.prompt if args.prompt not in (None, "-") else read_stdin_text("prompt")
     if not text.strip():
         raise UsageError("the prompt is empty")
-    if args.temperature < 0:
+    if args.temperature is not None and args.temperature < 0:
         raise UsageError("--temperature must be >= 0")
-    store = None if args.no_save else _store()
+    store = None if args.no_save else ConversationStore()
     conversation = None
     if store is not None and (args.continue_ or args.conversation is not None):
         conversation = store.latest() if args.continue_ else store.get(args.conversation)
         if conversation is None:
+            store.close()
             raise UsageError("no saved conversation to continue")
-    style = _style(args, style_of(conversation) if conversation else None)
-    system = (
-        args.system if args.system is not None else (conversation.system if conversation else "")
+    settings = _settings(
+        args, settings_of(conversation) if conversation else ConversationSettings()
     )
-    model = resolve_model(args.model or (conversation.model if conversation else None) or None)
-    engine = Engine(model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
-    params = SamplingParams(
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        max_tokens=args.max_tokens,
-        seed=args.seed,
-    )
-    history = to_messages(conversation) if conversation else []
-    messages = [*history, Message("user", text)]
-    recorder = None
-    if store is not None:
-        settings = {
-            "mode": style.mode.value,
-            "system": system,
-            "model": display_name(model),
-            "params": params_dict(params, style),
-        }
-        if conversation is None:
-            conversation = store.create(**settings)
-        else:
-            store.update(conversation.id, **settings)
-    cancel = threading.Event()
-    kv = None
-    if store is not None and conversation is not None:
-        from starling_local.chat.kv_cache import ConversationCache
-
-        kv = ConversationCache(engine)
-    conv_id = conversation.id if conversation is not None else 0
-
-    def resume(tokens: list[int]) -> None:
-        if kv is not None and history:
-            kv.restore(conv_id, tokens)
-
-    reply = start_reply(
-        engine, messages, system=system, style=style, params=params, cancel=cancel, resume=resume
-    )
-    if store is not None and conversation is not None:
-        store.add_message(conversation.id, "user", text)  # committed before generation starts
-        recorder = ReplyRecorder(store, conversation.id)
-    if reply.prompt.dropped_messages:
-        print(
-            f"starling: note: {reply.prompt.dropped_messages} older messages did not fit "
-            f"the {engine.n_ctx}-token context and were left out of the prompt",
-            file=sys.stderr,
-        )
-    previous = signal.signal(signal.SIGINT, lambda *_: cancel.set())
     try:
-        for chunk in reply.stream:
-            if recorder is not None:
-                recorder.feed(chunk)
-            if not args.json:
-                sys.stdout.write(chunk)
-                sys.stdout.flush()
+        model = resolve_model(args.model or (conversation.model if conversation else None))
+        engine = Engine(model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
+    except BaseException:
+        if store is not None:
+            store.close()
+        raise
+    service = ConversationService(store, engine, model_name=display_name(model))
+
+    def started(start: ReplyStart) -> None:
+        if start.dropped_messages:
+            print(
+                f"starling: note: {start.dropped_messages} older messages did not fit "
+                f"the {start.n_ctx}-token context and were left out of the prompt",
+                file=sys.stderr,
+            )
+
+    def show(chunk: str, _stats: object) -> None:
+        if not args.json:
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+    hooks = ReplyHooks(on_start=started, on_text=show)
+    previous = signal.signal(signal.SIGINT, lambda *_: service.stop())
+    try:
+        if store is None:
+            outcome = service.answer([Message("user", text)], settings, hooks=hooks)
+        else:
+            conv = service.send(conversation.id if conversation else None, text, settings)
+            outcome = service.reply(conv.id, hooks=hooks)
     finally:
         signal.signal(signal.SIGINT, previous)
-        if recorder is not None:
-            recorder.finish(reply.stream)
-        if kv is not None:
-            kv.save(conv_id)  # the next `--continue` starts from this cache
-    stats = reply.stream.stats
+        service.close()
+    if outcome.error:
+        raise StarlingError(f"the reply stopped: {outcome.error}")
+    stats = outcome.stats
     if args.json:
-        out = _ask_json(reply, str(model))
-        out["conversation_id"] = conversation.id if store is not None and conversation else None
+        out = {
+            "reply": outcome.text,
+            **stats.as_dict(),
+            "dropped_messages": outcome.dropped_messages,
+            "model": str(model),
+            "conversation_id": outcome.conversation_id,
+        }
         print(json.dumps(out, ensure_ascii=False))
     else:
         sys.stdout.write("\n")
@@ -184,27 +168,6 @@ def run_ask(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 130 if stats.stop_reason == "cancelled" and not args.json else 0
-
-
-def _store() -> Any:
-    from starling_local.store.conversations import ConversationStore
-
-    return ConversationStore()
-
-
-def _ask_json(reply: Any, model: str) -> dict[str, Any]:
-    s = reply.stream.stats
-    return {
-        "reply": reply.stream.text,
-        "stop_reason": s.stop_reason,
-        "prompt_tokens": s.prompt_tokens,
-        "prompt_evaluated": s.prompt_evaluated,
-        "completion_tokens": s.completion_tokens,
-        "ttft_s": round(s.ttft_s, 6),
-        "decode_tokens_per_s": round(s.decode_tokens_per_s, 3),
-        "dropped_messages": reply.prompt.dropped_messages,
-        "model": model,
-    }
 
 
 def parse_messages(raw: str) -> list[Message]:
@@ -230,7 +193,10 @@ def run_render(args: argparse.Namespace) -> int:
     from starling_local.chat.template import render_segments, segments_to_text, segments_to_tokens
 
     messages = parse_messages(read_stdin_text("messages"))
-    style = _style(args)
+    style = PromptStyle(
+        Mode(args.mode or Mode.CHAT.value),
+        SystemPolicy(args.system_policy or SystemPolicy.NATIVE.value),
+    )
     segments = render_segments(
         messages,
         mode=style.mode,
@@ -242,6 +208,7 @@ def run_render(args: argparse.Namespace) -> int:
     if not args.tokens:
         sys.stdout.write(segments_to_text(segments) + "\n")
         return 0
+    from starling_local.acquire.library import resolve_model
     from starling_local.engine.runtime import Engine
 
     engine = Engine(resolve_model(args.model), vocab_only=True)

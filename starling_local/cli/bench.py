@@ -38,8 +38,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from starling_local.acquire.library import resolve_model
     from starling_local.bench.runner import format_table, run_bench, write_json
-    from starling_local.cli.common import resolve_model
 
     model = resolve_model(args.model) if args.model else None
     figures = run_bench(

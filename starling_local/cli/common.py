@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
-from pathlib import Path
 
 from starling_local.errors import UsageError
 
@@ -33,14 +31,6 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="layers to offload to the GPU (default: all when the build supports it)",
     )
-
-
-def resolve_model(value: str | None) -> Path:
-    """A `--model` value (or the defaults) as a local GGUF path."""
-    from starling_local.acquire.library import resolve_model_spec
-
-    spec = value or os.environ.get("STARLING_MODEL")
-    return resolve_model_spec(spec)
 
 
 def positive_int(text: str) -> int:

@@ -36,12 +36,23 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from starling_local.chat.service import ConversationService
     from starling_local.store.conversations import ConversationStore
 
     action = args.history_command or "list"
     if action == "list" and not hasattr(args, "limit"):
         args.json, args.limit = False, None
-    store = ConversationStore()
+    service = ConversationService(ConversationStore())
+    try:
+        return _run(service, action, args)
+    finally:
+        service.close()
+
+
+def _run(service: Any, action: str, args: argparse.Namespace) -> int:
+    from starling_local.chat.transcripts import to_json, to_markdown
+
+    store = service.store
     if action == "list":
         convs = store.conversations(args.limit)
         if args.json:
@@ -67,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                 print("no saved conversations yet")
         return 0
     if action == "show":
-        sys.stdout.write(store.export_markdown(args.id) + "\n")
+        sys.stdout.write(to_markdown(store.get(args.id)) + "\n")
         return 0
     if action == "search":
         found = store.search(args.text)
@@ -87,19 +98,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if action == "export":
         if args.format == "json":
-            text = json.dumps(store.export_json(args.id), indent=2, ensure_ascii=False)
+            text = json.dumps(to_json(store.get(args.id)), indent=2, ensure_ascii=False)
         else:
-            text = store.export_markdown(args.id)
+            text = to_markdown(store.get(args.id))
         if args.output:
             args.output.write_text(text + "\n", encoding="utf-8")
         else:
             sys.stdout.write(text + "\n")
         return 0
     if action == "rm":
-        from starling_local.chat.kv_cache import forget
-
-        store.delete(args.id)
-        forget(args.id)
+        service.delete(args.id)
         print(f"deleted conversation {args.id}")
         return 0
     if action == "import":
@@ -109,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.file}: no such file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UsageError(f"{args.file}: not a JSON export ({exc})") from exc
-        conv = store.import_json(data)
+        conv = service.import_json(data)
         print(f"imported as conversation {conv.id}: {conv.title}")
         return 0
     raise UsageError(f"unknown history action {action!r}")

@@ -39,17 +39,13 @@ def register(sub: Any) -> None:
     i.set_defaults(handler=run_inspect)
 
 
-def _bar(label: str) -> Any:
-    from starling_local.progress import ProgressLine
-
-    return ProgressLine(label)
-
-
 def run_pull(args: argparse.Namespace) -> int:
     from starling_local.acquire.catalog import parse_model_ref
-    from starling_local.acquire.files import human_bytes
     from starling_local.acquire.library import ModelLibrary
     from starling_local.acquire.pull import pull
+    from starling_local.acquire.quantize import DEFAULT_QUANT
+    from starling_local.files import human_bytes
+    from starling_local.progress import ProgressLine
 
     if args.list:
         ref = parse_model_ref(args.name.split(":", 1)[0] if args.name else None)
@@ -58,7 +54,7 @@ def run_pull(args: argparse.Namespace) -> int:
         print(f"{ref.model.title}\n{ref.model.gguf.repo_id}")
         for q, size in ref.model.gguf.sizes.items():
             here = " (pulled)" if library.find(f"{ref.model.name}:{q}") else ""
-            default = " (default)" if q == "Q4_K_M" else ""
+            default = " (default)" if q == DEFAULT_QUANT else ""
             print(f"  {q:<8} {approx}{human_bytes(size):>10}{default}{here}")
         return 0
     entry = pull(
@@ -66,7 +62,7 @@ def run_pull(args: argparse.Namespace) -> int:
         quant=args.quant,
         source=args.source,
         revision=args.revision,
-        progress_factory=_bar,
+        progress_factory=ProgressLine,
     )
     if args.json:
         from dataclasses import asdict
@@ -81,8 +77,8 @@ def run_pull(args: argparse.Namespace) -> int:
 def run_models(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from starling_local.acquire.files import human_bytes
     from starling_local.acquire.library import ModelLibrary
+    from starling_local.files import human_bytes
 
     library = ModelLibrary()
     if args.action == "rm":
@@ -111,9 +107,9 @@ def run_models(args: argparse.Namespace) -> int:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from starling_local.acquire.files import human_bytes
-    from starling_local.acquire.gguf_edit import fix_starling_gguf
-    from starling_local.acquire.gguf_file import read_gguf
+    from starling_local.files import human_bytes
+    from starling_local.gguf.edit import fix_starling_gguf
+    from starling_local.gguf.info import read_gguf
 
     info = read_gguf(args.file)
     problems = info.problems()

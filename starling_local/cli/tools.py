@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from starling_local.acquire.quantize import DEFAULT_QUANT
 from starling_local.errors import UsageError
 
 
@@ -20,8 +21,16 @@ def register(sub: Any) -> None:
     )
     c.add_argument("source", help="checkpoint directory, or a Hub repo id to download")
     c.add_argument("--out", "-o", type=Path, help="output .gguf (default: in the models folder)")
+    c.add_argument("--out-dir", type=Path, help="folder for the results (default: models folder)")
     c.add_argument("--outtype", choices=["f32", "f16", "bf16"], default="f16")
-    c.add_argument("--quant", help="quantize after converting, e.g. Q4_K_M, Q5_K_M, Q8_0")
+    c.add_argument(
+        "--quant",
+        nargs="+",
+        default=[],
+        metavar="QUANT",
+        help="quantize after converting, to one or more of e.g. Q4_K_M Q5_K_M Q8_0 "
+        "(the checkpoint is converted once)",
+    )
     c.add_argument("--keep-f16", action="store_true", help="keep the unquantized GGUF too")
     c.add_argument("--threads", type=int, default=0, help="quantizer threads (default: all)")
     c.add_argument("--revision", help="with a repo id: branch, tag or commit")
@@ -33,7 +42,7 @@ def register(sub: Any) -> None:
     q = sub.add_parser("quantize", help="quantize a GGUF with llama.cpp")
     q.add_argument("input", type=Path)
     q.add_argument("output", type=Path)
-    q.add_argument("--quant", default="Q4_K_M", help="quantization (default Q4_K_M)")
+    q.add_argument("--quant", default=DEFAULT_QUANT, help=f"quantization (default {DEFAULT_QUANT})")
     q.add_argument("--threads", type=int, default=0)
     q.set_defaults(handler=run_quantize)
 
@@ -42,58 +51,36 @@ def register(sub: Any) -> None:
     d.set_defaults(handler=run_doctor)
 
 
-def _progress(label: str) -> Any:
+def run_convert(args: argparse.Namespace) -> int:
+    from starling_local.acquire.pipeline import convert
     from starling_local.progress import ProgressLine
 
-    return ProgressLine(label)
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    from starling_local.acquire.pipeline import (
-        convert_and_quantize,
-        convert_from_hub,
-        looks_like_repo_id,
-    )
-
-    if looks_like_repo_id(args.source):
-        entry = convert_from_hub(
-            args.source,
-            revision=args.revision,
-            quant=args.quant,
-            outtype=args.outtype,
-            out=args.out,
-            keep_intermediate=args.keep_f16,
-            keep_checkpoint=args.keep_checkpoint,
-            n_threads=args.threads,
-            progress_factory=_progress,
-        )
-        print(f"{entry.name}\n{entry.path}")
-        return 0
-
-    out = convert_and_quantize(
-        Path(args.source),
-        out=args.out,
+    entries = convert(
+        args.source,
+        quants=args.quant,
         outtype=args.outtype,
-        quant=args.quant,
+        out=args.out,
+        out_dir=args.out_dir,
+        revision=args.revision,
         keep_intermediate=args.keep_f16,
+        keep_checkpoint=args.keep_checkpoint,
         n_threads=args.threads,
-        progress_factory=_progress,
+        progress_factory=ProgressLine,
     )
-    print(out)
+    for entry in entries:
+        print(f"{entry.name}\t{entry.path}")
     return 0
 
 
 def run_quantize(args: argparse.Namespace) -> int:
     from starling_local.acquire.quantize import normalize_quant, quantize
+    from starling_local.progress import ProgressLine, progress_bar
 
     quant = normalize_quant(args.quant)
     if args.output.exists() and args.output.is_dir():
         raise UsageError(f"{args.output}: is a directory")
-    bar = _progress(f"Quantizing to {quant}")
-    try:
+    with progress_bar(ProgressLine, f"Quantizing to {quant}") as bar:
         quantize(args.input, args.output, quant, args.threads, progress=bar)
-    finally:
-        bar.close()
     print(args.output)
     return 0
 
@@ -108,8 +95,8 @@ GPU_HINT = (
 def doctor_report() -> dict[str, Any]:
     """Facts about this installation, as `starling doctor --json` prints them."""
     from starling_local import __version__
-    from starling_local.acquire.files import free_bytes
-    from starling_local.engine.system import backend, llama_cpp_version, physical_cores
+    from starling_local.files import free_bytes
+    from starling_local.llamacpp.system import backend, llama_cpp_version, physical_cores
     from starling_local.paths import get_paths
 
     paths = get_paths()
@@ -135,7 +122,7 @@ def doctor_report() -> dict[str, Any]:
 
 
 def run_doctor(args: argparse.Namespace) -> int:
-    from starling_local.acquire.files import human_bytes
+    from starling_local.files import human_bytes
 
     report = doctor_report()
     if args.json:

@@ -7,8 +7,8 @@ across tokens, reuses the KV cache across turns, and reports what it did.
 from __future__ import annotations
 
 import codecs
-import ctypes
-import os
+import contextlib
+import hashlib
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,16 +16,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from starling_local.acquire.gguf_file import GGUFInfo, check_runnable
-from starling_local.engine.system import (
+from starling_local.errors import StarlingError
+from starling_local.gguf.info import GGUFInfo, check_runnable
+from starling_local.llamacpp.system import (
     backend,
     extra_buffers_enabled,
     last_log_error,
-    model_defaults,
     physical_cores,
     route_llama_log,
 )
-from starling_local.errors import StarlingError
 from starling_local.paths import get_paths
 from starling_local.vocab import END_OF_TURN_ID, EOS_ID
 
@@ -40,6 +39,16 @@ class EngineError(StarlingError):
     """The model could not be loaded or run."""
 
 
+class EngineClosedError(EngineError):
+    """The engine was closed (the app is quitting, or the model was switched)."""
+
+
+def model_key(path: Path) -> str:
+    """Identifies a model file (path, size, modification time) for KV state files."""
+    st = path.stat()
+    return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
 @dataclass
 class SamplingParams:
     """How the next token is chosen. `temperature` 0 is greedy."""
@@ -51,8 +60,9 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     max_tokens: int = 1024
     seed: int | None = None
-    stop_at_end_of_turn: bool = True
-    """False only for benchmarks that must decode exactly `max_tokens` tokens."""
+    ignore_eos: bool = False
+    """Decode past `<|end_of_turn|>` (as vLLM's field of that name): only for benchmarks that
+    must decode exactly `max_tokens` tokens. Never saved with a conversation."""
 
 
 @dataclass
@@ -73,6 +83,17 @@ class GenerationStats:
         if self.completion_tokens < 2 or self.decode_s <= 0:
             return 0.0
         return (self.completion_tokens - 1) / self.decode_s
+
+    def as_dict(self) -> dict[str, Any]:
+        """The figures as saved with a reply and printed by `ask --json`."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "prompt_evaluated": self.prompt_evaluated,
+            "completion_tokens": self.completion_tokens,
+            "ttft_s": round(self.ttft_s, 6),
+            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
+            "stop_reason": self.stop_reason,
+        }
 
 
 @dataclass
@@ -121,7 +142,12 @@ class ReplyDecoder:
 
 
 class Engine:
-    """One loaded model and its llama.cpp context. One generation at a time."""
+    """One loaded model and its llama.cpp context.
+
+    Every public method may be called from any thread. Generations run one at a time (a second
+    one waits for the first); tokenizing never waits for a generation. `close()` cancels a
+    running generation, waits for it to leave llama.cpp, then frees the model.
+    """
 
     def __init__(
         self,
@@ -136,11 +162,22 @@ class Engine:
     ) -> None:
         self.info: GGUFInfo = check_runnable(model_path)
         self.path = self.info.path
-        self._lock = threading.Lock()
+        self.model_key = model_key(self.path)
+        # `_context` guards the llama.cpp context (its KV cache): held by a generation for its
+        # whole length, and by the KV state methods. `_model` guards the model's lifetime:
+        # tokenizing takes only this one, so it never waits for a generation.
+        self._context = threading.Lock()
+        self._model = threading.Lock()
+        self._state = threading.Lock()
+        self._active: tuple[threading.Event, Iterator[str]] | None = None
+        self._closing = False
         log_path = log_path or get_paths().engine_log
         route_llama_log(log_path)
         import llama_cpp
 
+        from starling_local.engine import llama_adapter as adapter
+
+        self._adapter = adapter
         self.backend = backend()
         offload = llama_cpp.llama_supports_gpu_offload()
         if n_gpu_layers is None:
@@ -161,7 +198,7 @@ class Engine:
 
             defaults["progress_callback"] = progress
         try:
-            with model_defaults(**defaults):
+            with adapter.model_defaults(**defaults):
                 self._llm: Any = llama_cpp.Llama(
                     model_path=str(self.path),
                     n_ctx=min(n_ctx or DEFAULT_CTX, trained),
@@ -182,36 +219,46 @@ class Engine:
         self.n_gpu_layers = n_gpu_layers
         self.n_ctx: int = self._llm.n_ctx()
         if not vocab_only:
-            self._warm_up()
+            # The first decode of a process pays for page-faulting the weights and setting up
+            # compute graphs: better at load time (in the background) than in the first reply.
+            adapter.warm_up(self._llm)
         self._stop_ids = frozenset({END_OF_TURN_ID, EOS_ID, int(self._llm.token_eos())})
 
-    def _warm_up(self) -> None:
-        """Decode one token and forget it: the first decode of a process pays for page-faulting
-        the weights and setting up compute graphs; better at load time (in the background) than
-        in the user's first reply."""
-        import llama_cpp
+    @property
+    def closed(self) -> bool:
+        return self._llm is None
 
-        ctx = self._llm._ctx.ctx
-        one = (llama_cpp.llama_token * 1)(1)
-        llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(one, 1))
-        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-        self._llm.n_tokens = 0
+    def _open_llm(self) -> Any:
+        llm = self._llm
+        if llm is None:
+            raise EngineClosedError("the model has been unloaded")
+        return llm
 
     # --- tokens -------------------------------------------------------------------------------
 
     def tokenize_text(self, text: str) -> list[int]:
         """Tokenize as plain text: no BOS, special-token texts stay text."""
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+        with self._model:
+            llm = self._open_llm()
+            return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for."""
+        with self._model:
+            return bytes(self._open_llm().detokenize([token]))
 
     def reply_decoder(self) -> ReplyDecoder:
         """A decoder of this model's reply tokens."""
-        return ReplyDecoder(lambda token: bytes(self._llm.detokenize([token])))
+        return ReplyDecoder(self.token_bytes)
 
     def cached_prefix(self, tokens: Sequence[int]) -> int:
         """How many leading `tokens` are already in the KV cache."""
-        llm = self._llm
+        with self._context:
+            return self._cached_prefix(tokens)
+
+    def _cached_prefix(self, tokens: Sequence[int]) -> int:
         n = 0
-        for a, b in zip(llm.input_ids[: llm.n_tokens], tokens, strict=False):
+        for a, b in zip(self._adapter.cached_tokens(self._open_llm()), tokens, strict=False):
             if a != b:
                 break
             n += 1
@@ -225,16 +272,16 @@ class Engine:
         params: SamplingParams | None = None,
         cancel: threading.Event | None = None,
     ) -> EngineStream:
-        """Stream a reply to the prompt `tokens` (which start with BOS)."""
+        """Stream a reply to the prompt `tokens` (which start with BOS). The generation starts
+        (and waits for any other one to end) when the stream is first iterated."""
         params = params or SamplingParams()
+        if self._closing:
+            raise EngineClosedError("the model has been unloaded")
         if len(tokens) >= self.n_ctx:
             raise EngineError(
                 f"the prompt is {len(tokens)} tokens; the context window is {self.n_ctx}"
             )
-        cached = self.cached_prefix(tokens)
-        # llama-cpp-python re-evaluates the last token when the whole prompt is cached.
-        evaluated = len(tokens) - min(cached, len(tokens) - 1)
-        stats = GenerationStats(prompt_tokens=len(tokens), prompt_evaluated=evaluated)
+        stats = GenerationStats(prompt_tokens=len(tokens), prompt_evaluated=len(tokens))
         stream = EngineStream(iter(()), stats)
         stream._chunks = self._run(list(tokens), params, cancel or threading.Event(), stream)
         return stream
@@ -247,101 +294,169 @@ class Engine:
         stream: EngineStream,
     ) -> Iterator[str]:
         stats = stream.stats
-        llm = self._llm
+        with self._context:
+            if self._closing:
+                raise EngineClosedError("the model has been unloaded")
+            llm = self._open_llm()
+            with self._state:
+                self._active = (cancel, stream._chunks)
+            try:
+                yield from self._decode(llm, tokens, params, cancel, stream)
+            except GeneratorExit:  # closed from outside (see `close`)
+                stats.stop_reason = "cancelled"
+                raise
+            finally:
+                with self._state:
+                    self._active = None
+
+    def _decode(
+        self,
+        llm: Any,
+        tokens: list[int],
+        params: SamplingParams,
+        cancel: threading.Event,
+        stream: EngineStream,
+    ) -> Iterator[str]:
+        stats = stream.stats
+        cached = self._cached_prefix(tokens)
+        # llama-cpp-python re-evaluates the last token when the whole prompt is cached.
+        stats.prompt_evaluated = len(tokens) - min(cached, len(tokens) - 1)
         budget = min(params.max_tokens, self.n_ctx - len(tokens))
         decoder = self.reply_decoder()
-        stop_ids = self._stop_ids if params.stop_at_end_of_turn else frozenset()
-        with self._lock:
-            llm.set_seed(RANDOM_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
-            t0 = time.perf_counter()
-            t_first = t0
-            stats.stop_reason = "length"
-            if budget <= 0:
-                return
-            generator = llm.generate(
-                tokens,
-                top_k=params.top_k,
-                top_p=params.top_p,
-                min_p=params.min_p,
-                temp=params.temperature,
-                repeat_penalty=params.repeat_penalty,
-            )
+        stop_ids = frozenset() if params.ignore_eos else self._stop_ids
+        llm.set_seed(RANDOM_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
+        t0 = time.perf_counter()
+        t_first = t0
+        stats.stop_reason = "length"
+        if budget <= 0:
+            return
+        generator = llm.generate(
+            tokens,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            temp=params.temperature,
+            repeat_penalty=params.repeat_penalty,
+        )
+        try:
+            for token in generator:
+                now = time.perf_counter()
+                if stats.completion_tokens == 0:
+                    t_first = now
+                    stats.ttft_s = now - t0
+                if cancel.is_set():
+                    stats.stop_reason = "cancelled"
+                    break
+                if token in stop_ids:
+                    stats.stop_reason = "end_of_turn"
+                    break
+                stats.completion_tokens += 1
+                stats.decode_s = now - t_first
+                stream.token_ids.append(token)
+                text = decoder.push(token)
+                if text:
+                    yield text
+                if stats.completion_tokens >= budget:
+                    break
+        finally:
+            generator.close()
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def clear_cache(self) -> None:
+        """Forget the KV cache (the next prompt is evaluated from its first token)."""
+        with self._context:
+            self._adapter.clear_cache(self._open_llm())
+
+    @contextlib.contextmanager
+    def raw_context(self) -> Iterator[Any]:
+        """The llama.cpp context pointer, for the benchmark's bare `llama_decode` loop: held
+        exclusively, with an empty cache before and after."""
+        with self._context:
+            llm = self._open_llm()
+            self._adapter.clear_cache(llm)
             try:
-                for token in generator:
-                    now = time.perf_counter()
-                    if stats.completion_tokens == 0:
-                        t_first = now
-                        stats.ttft_s = now - t0
-                    if cancel.is_set():
-                        stats.stop_reason = "cancelled"
-                        break
-                    if token in stop_ids:
-                        stats.stop_reason = "end_of_turn"
-                        break
-                    stats.completion_tokens += 1
-                    stats.decode_s = now - t_first
-                    stream.token_ids.append(token)
-                    text = decoder.push(token)
-                    if text:
-                        yield text
-                    if stats.completion_tokens >= budget:
-                        break
+                yield self._adapter.context_pointer(llm)
             finally:
-                generator.close()
-            tail = decoder.flush()
-            if tail:
-                yield tail
+                self._adapter.clear_cache(llm)
+
+    @property
+    def eos_token_id(self) -> int:
+        """The end-of-generation id llama.cpp uses (after any override at load)."""
+        with self._model:
+            return int(self._open_llm().token_eos())
 
     # --- KV state on disk ----------------------------------------------------------------------
 
     def save_state(self, path: Path) -> int:
-        """Write the KV cache (sequence 0) and its tokens to `path`; return the bytes written."""
-        import llama_cpp
+        """Write the KV cache and its tokens to `path` (see `state_file`); return the bytes
+        written (0 when the cache is empty)."""
+        from starling_local.engine.state_file import write_state_file
 
-        with self._lock:
-            llm = self._llm
-            n = int(llm.n_tokens)
-            if n == 0:
+        with self._context:
+            llm = self._open_llm()
+            tokens, buffer, size = self._adapter.state_of(llm)
+            if not tokens or size <= 0:
                 return 0
-            tokens = (llama_cpp.llama_token * n)(*llm.input_ids[:n])
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-            written = int(
-                llama_cpp.llama_state_seq_save_file(llm._ctx.ctx, str(tmp).encode(), 0, tokens, n)
+            return write_state_file(
+                path,
+                model=self.model_key,
+                version=self._adapter.version(),
+                tokens=tokens,
+                payload=buffer,
+                size=size,
             )
-            if written <= 0:
-                tmp.unlink(missing_ok=True)
-                return 0
-            os.replace(tmp, path)
-            return written
 
     def load_state(self, path: Path) -> int:
-        """Replace the KV cache with the one saved in `path`; return how many tokens it holds
-        (0 if the file does not fit this context or is unreadable: the cache is then empty)."""
-        import llama_cpp
+        """Replace the KV cache with the one saved in `path`; return how many tokens it holds.
 
-        with self._lock:
-            llm = self._llm
-            ctx = llm._ctx.ctx
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            llm.n_tokens = 0
-            capacity = self.n_ctx
-            tokens = (llama_cpp.llama_token * capacity)()
-            count = ctypes.c_size_t(0)
-            read = llama_cpp.llama_state_seq_load_file(
-                ctx, str(path).encode(), 0, tokens, capacity, ctypes.byref(count)
-            )
-            if read <= 0 or count.value == 0:
-                llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        A file that is damaged, truncated, or made by another model or llama-cpp-python version
+        is deleted without reaching llama.cpp, and 0 is returned (the cache is then empty and
+        the history is evaluated instead)."""
+        from starling_local.engine.state_file import StateFileError, read_state_file
+
+        with self._context:
+            llm = self._open_llm()
+            self._adapter.clear_cache(llm)
+            try:
+                tokens, payload = read_state_file(
+                    path, model=self.model_key, version=self._adapter.version()
+                )
+            except FileNotFoundError:
                 return 0
-            n = int(count.value)
-            llm.input_ids[:n] = tokens[:n]
-            llm.n_tokens = n
-            return n
+            except (StateFileError, OSError):
+                path.unlink(missing_ok=True)
+                return 0
+            if len(tokens) >= self.n_ctx or not self._adapter.restore_state(llm, tokens, payload):
+                path.unlink(missing_ok=True)
+                return 0
+            return len(tokens)
+
+    # --- lifetime -----------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the model and context now rather than at garbage collection."""
-        llm = getattr(self, "_llm", None)
-        if llm is not None:
-            llm.close()
-            self._llm = None
+        """Cancel a running generation, wait for it to leave llama.cpp, then free the model and
+        context. Safe to call twice, and from any thread."""
+        with self._state:
+            if self._llm is None:
+                return
+            self._closing = True
+            active = self._active
+        if active is not None:
+            active[0].set()
+        while not self._context.acquire(timeout=0.05):
+            # The generation stops at its next token. If nobody is iterating its stream any
+            # more it never gets there: close the suspended generator (it releases the lock).
+            with self._state:
+                active = self._active
+            if active is not None:
+                with contextlib.suppress(ValueError):  # ValueError: it is running: wait
+                    active[1].close()  # type: ignore[attr-defined]
+        try:
+            with self._model:
+                llm, self._llm = self._llm, None
+                if llm is not None:
+                    llm.close()
+        finally:
+            self._context.release()

@@ -22,7 +22,7 @@ from starling_local.store.migrations import migrate
 from starling_local.store.models import Conversation, StoredMessage
 
 TITLE_LENGTH = 60
-EXPORT_FORMAT = "starling-local/conversation@1"
+MODES = ("chat", "code")
 
 
 class StoreError(StarlingError):
@@ -58,27 +58,35 @@ class ConversationStore:
     def __init__(self, path: Path | None = None) -> None:
         self.path = path or get_paths().database
         ensure(self.path.parent)
-        self._lock = threading.RLock()
+        # Two connections: writes wait for SQLite's write lock (up to the busy timeout, when
+        # another process writes), reads never do (WAL). A thread that only reads, such as a
+        # UI thread, therefore never waits behind a writer.
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
         try:
-            self._db = sqlite3.connect(
-                self.path, isolation_level=None, timeout=30, check_same_thread=False
-            )
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA busy_timeout = 30000")
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")
-            self._db.execute("PRAGMA foreign_keys = ON")
+            self._db = self._connect()
             migrate(self._db)
+            self._reader = self._connect()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path}: cannot open the conversation database ({exc})") from exc
 
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA busy_timeout = 30000")
+        db.execute("PRAGMA journal_mode = WAL")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.execute("PRAGMA foreign_keys = ON")
+        return db
+
     def close(self) -> None:
-        with self._lock:
+        with self._write_lock, self._read_lock:
             self._db.close()
+            self._reader.close()
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
+        with self._write_lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -86,6 +94,16 @@ class ConversationStore:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+
+    @contextlib.contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """One consistent snapshot for the reads in the block."""
+        with self._read_lock:
+            self._reader.execute("BEGIN")
+            try:
+                yield self._reader
+            finally:
+                self._reader.execute("COMMIT")
 
     # --- rows -> objects, in one place -------------------------------------------------------
 
@@ -127,6 +145,8 @@ class ConversationStore:
         model: str = "",
         params: dict[str, Any] | None = None,
     ) -> Conversation:
+        if mode not in MODES:
+            raise UsageError(f"mode must be chat or code, not {mode!r}")
         stamp = now()
         with self._write() as db:
             cur = db.execute(
@@ -138,8 +158,8 @@ class ConversationStore:
         return self.get(new_id)
 
     def get(self, conversation_id: int, *, messages: bool = True) -> Conversation:
-        with self._lock:
-            row = self._db.execute(
+        with self._read() as db:
+            row = db.execute(
                 "SELECT * FROM conversations WHERE id = ?", (conversation_id,)
             ).fetchone()
             if row is None:
@@ -150,7 +170,7 @@ class ConversationStore:
             if messages:
                 conv.messages = [
                     self._message(r)
-                    for r in self._db.execute(
+                    for r in db.execute(
                         "SELECT * FROM messages WHERE conversation_id = ? ORDER BY id",
                         (conversation_id,),
                     )
@@ -159,8 +179,8 @@ class ConversationStore:
 
     def conversations(self, limit: int | None = None) -> list[Conversation]:
         """Conversations, most recently updated first (without their messages)."""
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 "SELECT * FROM conversations ORDER BY updated DESC, id DESC LIMIT ?",
                 (limit if limit is not None else -1,),
             ).fetchall()
@@ -170,24 +190,39 @@ class ConversationStore:
         found = self.conversations(limit=1)
         return self.get(found[0].id) if found else None
 
-    def update(self, conversation_id: int, **changes: Any) -> Conversation:
-        """Change title, mode, system, model or params."""
-        allowed = {"title", "mode", "system", "model", "params"}
-        bad = set(changes) - allowed
-        if bad:
-            raise ValueError(f"cannot change {sorted(bad)}")
-        if "params" in changes:
-            changes["params"] = json.dumps(changes["params"])
-        if "mode" in changes and changes["mode"] not in ("chat", "code"):
-            raise UsageError(f"mode must be chat or code, not {changes['mode']!r}")
-        sets = ", ".join(f"{k} = ?" for k in changes)
-        with self._write() as db:
-            cur = db.execute(
-                f"UPDATE conversations SET {sets}, updated = ? WHERE id = ?",
-                (*changes.values(), now(), conversation_id),
+    def update(
+        self,
+        conversation_id: int,
+        *,
+        title: str | None = None,
+        mode: str | None = None,
+        system: str | None = None,
+        model: str | None = None,
+        params: dict[str, Any] | None = None,
+    ) -> Conversation:
+        """Change the fields given (None: leave as it is)."""
+        changes: dict[str, Any] = {
+            k: v
+            for k, v in (
+                ("title", title),
+                ("mode", mode),
+                ("system", system),
+                ("model", model),
+                ("params", json.dumps(params) if params is not None else None),
             )
-            if cur.rowcount == 0:
-                raise NotFoundError(f"no conversation {conversation_id}")
+            if v is not None
+        }
+        if mode is not None and mode not in MODES:
+            raise UsageError(f"mode must be chat or code, not {mode!r}")
+        if changes:
+            sets = ", ".join(f"{k} = ?" for k in changes)
+            with self._write() as db:
+                cur = db.execute(
+                    f"UPDATE conversations SET {sets}, updated = ? WHERE id = ?",
+                    (*changes.values(), now(), conversation_id),
+                )
+                if cur.rowcount == 0:
+                    raise NotFoundError(f"no conversation {conversation_id}")
         return self.get(conversation_id)
 
     def rename(self, conversation_id: int, title: str) -> Conversation:
@@ -247,8 +282,8 @@ class ConversationStore:
         return self.message(message_id)
 
     def message(self, message_id: int) -> StoredMessage:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
         if row is None:
             raise NotFoundError(f"no message {message_id}")
         return self._message(row)
@@ -299,8 +334,8 @@ class ConversationStore:
         query = _fts_query(text)
         if not query:
             return []
-        with self._lock:
-            rows = self._db.execute(
+        with self._read() as db:
+            rows = db.execute(
                 """
                 SELECT c.*, snippet(messages_fts, 0, '[', ']', '…', 12) AS snip
                 FROM messages_fts JOIN messages m ON m.id = messages_fts.rowid
@@ -320,89 +355,43 @@ class ConversationStore:
         found = sorted(seen.values(), key=lambda cs: (cs[0].updated, cs[0].id), reverse=True)
         return found[:limit]
 
-    def export_json(self, conversation_id: int) -> dict[str, Any]:
-        conv = self.get(conversation_id)
-        return {
-            "format": EXPORT_FORMAT,
-            "id": conv.id,
-            "title": conv.title,
-            "mode": conv.mode,
-            "system": conv.system,
-            "model": conv.model,
-            "params": conv.params,
-            "created": conv.created,
-            "updated": conv.updated,
-            "messages": [
-                {
-                    "role": m.role,
-                    "content": m.content,
-                    "created": m.created,
-                    "incomplete": m.incomplete,
-                    "stop_reason": m.stop_reason,
-                }
-                for m in conv.messages
-            ],
-        }
-
-    def export_markdown(self, conversation_id: int) -> str:
-        conv = self.get(conversation_id)
-        lines = [f"# {conv.title or 'Untitled'}", ""]
-        meta = f"*{conv.mode} mode · {conv.model or 'no model'} · {conv.created[:19]}*"
-        lines += [meta, ""]
-        if conv.system:
-            lines += ["**System:** " + conv.system, ""]
-        for m in conv.messages:
-            who = "You" if m.role == "user" else "Starling"
-            note = " *(incomplete)*" if m.incomplete else ""
-            lines += [f"## {who}{note}", "", m.content, ""]
-        return "\n".join(lines)
-
-    def import_json(self, data: Any) -> Conversation:
-        """Create a conversation from an `export_json` object (a new id is given)."""
-        if not isinstance(data, dict) or not isinstance(data.get("messages"), list):
-            raise UsageError("not a starling-local conversation export (needs 'messages')")
-        messages = []
-        for i, m in enumerate(data["messages"]):
-            if not isinstance(m, dict) or m.get("role") not in ("user", "assistant"):
-                raise UsageError(f"message {i}: role must be user or assistant")
-            if not isinstance(m.get("content"), str):
-                raise UsageError(f"message {i}: content must be a string")
-            messages.append(m)
-        mode = data.get("mode", "chat")
-        if mode not in ("chat", "code"):
-            raise UsageError(f"mode must be chat or code, not {mode!r}")
+    def insert(self, conversation: Conversation) -> Conversation:
+        """Add a whole conversation with its messages in one transaction (a new id is given;
+        an untitled one is named after its first user message)."""
+        if conversation.mode not in MODES:
+            raise UsageError(f"mode must be chat or code, not {conversation.mode!r}")
         stamp = now()
+        first_user = next((m.content for m in conversation.messages if m.role == "user"), "")
         with self._write() as db:
             cur = db.execute(
                 "INSERT INTO conversations(title, mode, system, model, params, created, updated) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
-                    str(data.get("title") or ""),
-                    mode,
-                    str(data.get("system") or ""),
-                    str(data.get("model") or ""),
-                    json.dumps(data.get("params") or {}),
-                    str(data.get("created") or stamp),
+                    conversation.title or title_from(first_user),
+                    conversation.mode,
+                    conversation.system,
+                    conversation.model,
+                    json.dumps(conversation.params),
+                    conversation.created or stamp,
                     stamp,
                 ),
             )
             new_id = int(cur.lastrowid or 0)
-            for m in messages:
+            for m in conversation.messages:
+                if m.role not in ("user", "assistant"):
+                    raise UsageError(f"role must be user or assistant, not {m.role!r}")
                 db.execute(
                     "INSERT INTO messages(conversation_id, role, content, created, incomplete, "
-                    "stop_reason) VALUES (?, ?, ?, ?, ?, ?)",
+                    "stop_reason, tokens, stats) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         new_id,
-                        m["role"],
-                        m["content"],
-                        str(m.get("created") or stamp),
-                        int(bool(m.get("incomplete"))),
-                        m.get("stop_reason"),
+                        m.role,
+                        m.content,
+                        m.created or stamp,
+                        int(m.incomplete),
+                        m.stop_reason,
+                        json.dumps(list(m.tokens)) if m.tokens is not None else None,
+                        json.dumps(m.stats) if m.stats is not None else None,
                     ),
-                )
-            if not data.get("title"):
-                first = next((m["content"] for m in messages if m["role"] == "user"), "")
-                db.execute(
-                    "UPDATE conversations SET title = ? WHERE id = ?", (title_from(first), new_id)
                 )
         return self.get(new_id)

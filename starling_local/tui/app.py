@@ -1,14 +1,16 @@
-"""`StarlingApp`: the Textual application (small: the chat screen does the work)."""
+"""`StarlingApp`: the Textual application. It owns the conversation service (and through it the
+store and the engine) and closes it when it exits; the chat screen does the rest."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from textual.app import App, SystemCommand
 from textual.screen import Screen
 
+from starling_local.chat.service import ConversationService
 from starling_local.store.conversations import ConversationStore
 from starling_local.tui.screens.chat import ChatScreen
 
@@ -48,16 +50,28 @@ class StarlingApp(App[None]):
         super().__init__()
         self.model_spec = model
         self.conversation_id = conversation_id
-        self._owns_store = store is None
-        self.store = store or ConversationStore()
         self.n_ctx = n_ctx
-        self.engine: Any = None
+        self.service = ConversationService(store or ConversationStore(), owns_store=store is None)
 
     def on_load(self) -> None:
         # The generation thread needs the GIL briefly after every token (between llama.cpp
         # calls, which release it). With the default 5 ms switch interval, a busy UI thread
         # (Markdown rendering) would hold it long enough to cap decoding near 200 tokens/s.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
+
+    def load_engine(self, on_progress: Callable[[float], None]) -> tuple[str, str, int]:
+        """Load the model (in a worker thread) and hand it to the service; (name, backend,
+        context size). An engine loaded after the app began to quit is closed at once."""
+        from starling_local.acquire.library import display_name, resolve_model
+        from starling_local.engine.runtime import Engine, EngineClosedError
+
+        path = resolve_model(self.model_spec)
+        engine = Engine(path, n_ctx=self.n_ctx, on_progress=on_progress)
+        name = display_name(engine.path)
+        if not self.service.attach_engine(engine, name):
+            engine.close()
+            raise EngineClosedError("the app is quitting")
+        return engine.path.name, engine.backend, engine.n_ctx
 
     def get_default_screen(self) -> Screen[Any]:
         return ChatScreen(self.conversation_id)
@@ -69,10 +83,8 @@ class StarlingApp(App[None]):
                 yield SystemCommand(title, help_text, getattr(screen, f"action_{action}"))
 
     def on_unmount(self) -> None:
-        if self.engine is not None:
-            self.engine.close()
-        if self._owns_store:
-            self.store.close()
+        # Stops a streaming reply, waits until it is saved (marked stopped), then frees llama.cpp.
+        self.service.close()
 
 
 def run_app(

@@ -1,11 +1,14 @@
-"""Messages that workers and widgets post; the chat screen handles them (and persists)."""
+"""Messages that workers and widgets post; the chat screen handles them on the UI thread."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from textual.message import Message
+
+from starling_local.chat.service import ReplyOutcome, ReplyStart
 
 
 class ModelLoading(Message):
@@ -15,9 +18,11 @@ class ModelLoading(Message):
 
 
 class ModelLoaded(Message):
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, name: str, backend: str, n_ctx: int) -> None:
         super().__init__()
-        self.engine = engine
+        self.name = name
+        self.backend = backend
+        self.n_ctx = n_ctx
 
 
 class ModelFailed(Message):
@@ -27,9 +32,9 @@ class ModelFailed(Message):
 
 
 class ReplyStarted(Message):
-    def __init__(self, reply: Any) -> None:
+    def __init__(self, start: ReplyStart) -> None:
         super().__init__()
-        self.reply = reply
+        self.start = start
 
 
 class ReplyChunk(Message):
@@ -41,8 +46,25 @@ class ReplyChunk(Message):
 
 
 class ReplyDone(Message):
-    def __init__(self, stream: Any, error: str | None = None) -> None:
+    """The reply is recorded and its KV state saved (or it failed before it began)."""
+
+    def __init__(self, outcome: ReplyOutcome | None, error: str | None = None) -> None:
         super().__init__()
-        self.stream = stream
+        self.outcome = outcome
         self.error = error
         self.generated_at = time.perf_counter()  # posted by the worker after the last token
+
+
+class ServiceDone(Message):
+    """A conversation-service call made in a worker thread returned `result`."""
+
+    def __init__(self, then: Callable[[Any], Any] | None, result: Any) -> None:
+        super().__init__()
+        self.then = then
+        self.result = result
+
+
+class ServiceFailed(Message):
+    def __init__(self, error: str) -> None:
+        super().__init__()
+        self.error = error

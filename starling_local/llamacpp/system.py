@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import os
 import platform
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,28 +122,3 @@ def extra_buffers_enabled() -> bool:
 
     info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
     return "AMX_INT8 = 1" not in info
-
-
-@contextlib.contextmanager
-def model_defaults(**fields: Any) -> Iterator[None]:
-    """Make `llama_model_default_params()` return `fields` changed while the block runs.
-
-    llama-cpp-python's `Llama` builds its model parameters from that function and exposes no
-    argument for some of them (`use_extra_bufts`).
-    """
-    import llama_cpp.llama_cpp as low
-
-    original = low.llama_model_default_params
-
-    def patched() -> Any:
-        params = original()
-        for key, value in fields.items():
-            setattr(params, key, value)
-        return params
-
-    with _log_lock:
-        low.llama_model_default_params = patched
-        try:
-            yield
-        finally:
-            low.llama_model_default_params = original

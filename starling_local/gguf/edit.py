@@ -12,9 +12,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from starling_local.acquire.files import atomic_output, require_free_space
-from starling_local.acquire.gguf_file import check_magic
-from starling_local.acquire.gguf_header import encode_entry, read_header
+from starling_local.files import atomic_output, require_free_space
+from starling_local.gguf.header import encode_entry, read_header
+from starling_local.gguf.info import check_magic
 
 #: Value types for keys that a fix may add to a file that lacks them.
 NEW_KEY_TYPES = {
@@ -63,7 +63,7 @@ def rewrite_metadata(
 
 def fix_starling_gguf(src: Path, dst: Path) -> list[str]:
     """Write a copy of `src` with the known Starling defects corrected; return what changed."""
-    from starling_local.acquire.gguf_file import OPENCHAT_TEMPLATE, GGUFError, check_runnable
+    from starling_local.gguf.info import OPENCHAT_TEMPLATE, GGUFError, check_runnable
     from starling_local.vocab import END_OF_TURN, END_OF_TURN_ID, PAD_ID
 
     info = check_runnable(src)

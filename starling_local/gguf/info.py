@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from starling_local.acquire.gguf_header import (
+from starling_local.errors import StarlingError
+from starling_local.gguf.header import (
     GGML_TYPE_NAMES,
     GGML_TYPE_SIZES,
     HeaderError,
     read_header,
 )
-from starling_local.errors import StarlingError
 from starling_local.vocab import END_OF_TURN, END_OF_TURN_ID
 
 GGUF_MAGIC = b"GGUF"

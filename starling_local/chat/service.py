@@ -1,0 +1,435 @@
+"""`ConversationService`: the one conversation workflow that every front end calls.
+
+It owns the store, the engine and the KV state files. A front end (the CLI, the TUI, the
+server) parses input, calls it, and shows what comes back: it never renders a prompt, writes a
+message or touches a state file itself. Replies run one at a time, each from the calling
+thread to the end: the user message is committed first, the reply is recorded at least once a
+second, and the KV state file is saved before `reply()` returns.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from starling_local.chat.context import FittedPrompt
+from starling_local.chat.conversation import ReplyRecorder, to_messages
+from starling_local.chat.kv_cache import ConversationCache, forget
+from starling_local.chat.session import build_prompt
+from starling_local.chat.settings import ConversationSettings, settings_of, stored_params
+from starling_local.chat.template import Message, render_segments, segments_to_text
+from starling_local.chat.transcripts import from_json, to_json, to_markdown
+from starling_local.engine.runtime import Engine, EngineStream, GenerationStats
+from starling_local.errors import StarlingError, UsageError
+from starling_local.store.conversations import ConversationStore
+from starling_local.store.models import Conversation
+
+
+class NoModelError(StarlingError):
+    """A reply was asked for and no model is loaded."""
+
+
+class ServiceClosedError(StarlingError):
+    """The service was closed (the front end is quitting)."""
+
+
+@dataclass(frozen=True)
+class ReplyStart:
+    """Told to the front end when generation begins."""
+
+    conversation_id: int | None
+    message_id: int | None
+    prompt_tokens: int
+    dropped_messages: int
+    """The oldest messages left out of the prompt to fit the context (never deleted)."""
+    n_ctx: int
+
+
+@dataclass
+class ReplyOutcome:
+    """A finished (or stopped) reply."""
+
+    conversation_id: int | None
+    message_id: int | None
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    dropped_messages: int
+    n_ctx: int
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptPreview:
+    """The exact prompt the next reply would get."""
+
+    text: str
+    tokens: int
+    n_ctx: int
+    dropped_messages: int
+
+
+@dataclass
+class ReplyHooks:
+    """What a front end is told while a reply runs (called in the replying thread)."""
+
+    on_start: Callable[[ReplyStart], object] = lambda start: None
+    on_text: Callable[[str, GenerationStats], object] = lambda text, stats: None
+
+
+@dataclass
+class _Turn:
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class ConversationService:
+    """Conversations, replies and their KV state, over one store and one engine."""
+
+    def __init__(
+        self,
+        store: ConversationStore | None,
+        engine: Engine | None = None,
+        *,
+        model_name: str = "",
+        owns_store: bool = True,
+        kv_root: Path | None = None,
+    ) -> None:
+        self._store = store
+        self._owns_store = owns_store
+        self._kv_root = kv_root
+        self._engine: Engine | None = None
+        self._kv: ConversationCache | None = None
+        self.model_name = model_name
+        self._lock = threading.Lock()  # the service's own fields
+        self._replying = threading.Lock()  # one reply at a time, from start to saved state
+        self._turn: _Turn | None = None
+        self._closed = False
+        if engine is not None:
+            self.attach_engine(engine, model_name)
+
+    # --- ownership ----------------------------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine | None:
+        return self._engine
+
+    @property
+    def store(self) -> ConversationStore:
+        if self._store is None:
+            raise UsageError("this session does not save conversations")
+        return self._store
+
+    def attach_engine(self, engine: Engine, model_name: str = "") -> bool:
+        """Take ownership of a loaded engine; False (the caller closes it) if already closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            self._engine = engine
+            self._kv = ConversationCache(engine, root=self._kv_root)
+            self.model_name = model_name or str(engine.path)
+            return True
+
+    def close(self) -> None:
+        """Stop a running reply, wait until it is recorded and its state saved, then free the
+        engine (and the store, when owned). Safe to call twice and from any thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            turn = self._turn
+        if turn is not None:
+            turn.cancel.set()
+        with self._replying:
+            if self._engine is not None:
+                self._engine.close()
+            if self._store is not None and self._owns_store:
+                self._store.close()
+
+    # --- conversations ------------------------------------------------------------------------
+
+    def get(self, conversation_id: int) -> Conversation:
+        return self.store.get(conversation_id)
+
+    def latest(self) -> Conversation | None:
+        return self.store.latest()
+
+    def settings(self, conversation_id: int) -> ConversationSettings:
+        return settings_of(self.store.get(conversation_id))
+
+    def create(self, settings: ConversationSettings) -> Conversation:
+        return self.store.create(
+            mode=settings.mode.value,
+            system=settings.system,
+            model=self.model_name,
+            params=stored_params(settings),
+        )
+
+    def save_settings(self, conversation_id: int, settings: ConversationSettings) -> Conversation:
+        """Make `settings` the conversation's (the one place they are written)."""
+        return self.store.update(
+            conversation_id,
+            mode=settings.mode.value,
+            system=settings.system,
+            params=stored_params(settings),
+        )
+
+    def rename(self, conversation_id: int, title: str) -> Conversation:
+        if not title.strip():
+            raise UsageError("the title is empty")
+        return self.store.rename(conversation_id, title)
+
+    def delete(self, conversation_id: int) -> None:
+        """Delete a conversation and its KV state files (for every model)."""
+        self.store.delete(conversation_id)
+        forget(conversation_id, self._kv_root)
+
+    def send(
+        self,
+        conversation_id: int | None,
+        text: str,
+        settings: ConversationSettings | None = None,
+    ) -> Conversation:
+        """Commit a user message (creating the conversation when `conversation_id` is None);
+        `settings`, when given, become the conversation's. Ready for `reply()`."""
+        if not text.strip():
+            raise UsageError("the message is empty")
+        if conversation_id is None:
+            conv = self.create(settings or ConversationSettings())
+        elif settings is not None:
+            conv = self.save_settings(conversation_id, settings)
+        else:
+            conv = self.store.get(conversation_id)
+        if self.model_name and conv.model != self.model_name:
+            self.store.update(conv.id, model=self.model_name)
+        self.store.add_message(conv.id, "user", text)
+        return self.store.get(conv.id)
+
+    def regenerate(self, conversation_id: int) -> Conversation:
+        """Remove the last reply (kept if the conversation ends with a user message)."""
+        conv = self.store.get(conversation_id)
+        if not conv.messages:
+            raise UsageError("nothing to regenerate: the conversation is empty")
+        last = conv.messages[-1]
+        if last.role == "assistant":
+            self.store.truncate(conv.id, last.id)
+        return self.store.get(conv.id)
+
+    def edit_last(self, conversation_id: int, text: str) -> Conversation:
+        """Replace the last user message (and what followed it) with `text`."""
+        if not text.strip():
+            raise UsageError("the message is empty")
+        conv = self.store.get(conversation_id)
+        users = [m for m in conv.messages if m.role == "user"]
+        if not users:
+            raise UsageError("no message of yours to edit")
+        self.store.truncate(conv.id, users[-1].id)
+        self.store.add_message(conv.id, "user", text)
+        return self.store.get(conv.id)
+
+    def export(self, conversation_id: int, folder: Path) -> tuple[Path, Path]:
+        """Write the conversation as Markdown and JSON into `folder`."""
+        import json
+
+        conv = self.store.get(conversation_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        md = folder / f"conversation-{conv.id}.md"
+        js = folder / f"conversation-{conv.id}.json"
+        md.write_text(to_markdown(conv), encoding="utf-8")
+        js.write_text(json.dumps(to_json(conv), indent=2, ensure_ascii=False), encoding="utf-8")
+        return md, js
+
+    def import_json(self, data: Any) -> Conversation:
+        """Add an exported conversation (all of it or nothing)."""
+        return self.store.insert(from_json(data))
+
+    # --- prompts ------------------------------------------------------------------------------
+
+    def _require_engine(self) -> Engine:
+        engine = self._engine
+        if engine is None:
+            raise NoModelError("no model is loaded")
+        return engine
+
+    def _fit(self, messages: Sequence[Message], settings: ConversationSettings) -> FittedPrompt:
+        return build_prompt(
+            self._require_engine(),
+            messages,
+            system=settings.system,
+            style=settings.style,
+            max_tokens=settings.sampling.max_tokens,
+        )
+
+    def preview(
+        self,
+        conversation_id: int | None,
+        settings: ConversationSettings,
+        pending: str = "…",
+    ) -> PromptPreview:
+        """The exact prompt of the next reply (with `pending` as the next message when the
+        conversation does not end with one of the user's)."""
+        engine = self._require_engine()
+        messages = to_messages(self.store.get(conversation_id)) if conversation_id else []
+        if not messages or messages[-1].role != "user":
+            messages.append(Message("user", pending))
+        fitted = self._fit(messages, settings)
+        kept = messages[fitted.dropped_messages :]
+        text = segments_to_text(
+            render_segments(
+                kept,
+                mode=settings.mode,
+                system=settings.system,
+                policy=settings.policy,
+                exact=False,
+            )
+        )
+        return PromptPreview(text, len(fitted.tokens), engine.n_ctx, fitted.dropped_messages)
+
+    def context_usage(
+        self, conversation_id: int | None, settings: ConversationSettings
+    ) -> tuple[int, int]:
+        """(tokens the conversation takes as the next prompt renders, the context size)."""
+        engine = self._require_engine()
+        conv = self.store.get(conversation_id) if conversation_id else None
+        messages = to_messages(conv) if conv else []
+        if not messages:
+            return 0, engine.n_ctx
+        segments = render_segments(
+            messages,
+            mode=settings.mode,
+            system=settings.system,
+            policy=settings.policy,
+            add_generation_prompt=messages[-1].role == "user",
+        )
+        used = sum(1 if isinstance(s, int) else len(engine.tokenize_text(s)) for s in segments)
+        return used, engine.n_ctx
+
+    # --- replies ------------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Stop the reply being generated (it is kept, marked stopped)."""
+        with self._lock:
+            turn = self._turn
+        if turn is not None:
+            turn.cancel.set()
+
+    @property
+    def replying(self) -> bool:
+        return self._turn is not None
+
+    def reply(
+        self,
+        conversation_id: int,
+        *,
+        hooks: ReplyHooks | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> ReplyOutcome:
+        """Generate the reply to a saved conversation that ends with a user message, recording
+        it as it streams; its KV state is saved before this returns. `overrides` change sampling
+        fields for this reply only (benchmarks)."""
+        with self._replying:
+            turn = self._begin()
+            try:
+                conv = self.store.get(conversation_id)
+                settings = settings_of(conv)
+                if overrides:
+                    settings = settings.with_sampling(**overrides)
+                return self._generate(
+                    to_messages(conv), settings, turn, hooks or ReplyHooks(), conv.id
+                )
+            finally:
+                self._end()
+
+    def answer(
+        self,
+        messages: Sequence[Message],
+        settings: ConversationSettings,
+        *,
+        hooks: ReplyHooks | None = None,
+    ) -> ReplyOutcome:
+        """A reply to `messages` that is not saved anywhere (`ask --no-save`, the server)."""
+        with self._replying:
+            turn = self._begin()
+            try:
+                return self._generate(list(messages), settings, turn, hooks or ReplyHooks(), None)
+            finally:
+                self._end()
+
+    def _begin(self) -> _Turn:
+        with self._lock:
+            if self._closed:
+                raise ServiceClosedError("the conversation service is closed")
+            self._turn = _Turn()
+            return self._turn
+
+    def _end(self) -> None:
+        with self._lock:
+            self._turn = None
+
+    def _generate(
+        self,
+        messages: list[Message],
+        settings: ConversationSettings,
+        turn: _Turn,
+        hooks: ReplyHooks,
+        conversation_id: int | None,
+    ) -> ReplyOutcome:
+        engine = self._require_engine()
+        prompt = self._fit(messages, settings)
+        if conversation_id is not None and self._kv is not None:
+            self._kv.restore(conversation_id, prompt.tokens)
+        stream = engine.generate(prompt.tokens, settings.sampling, turn.cancel)
+        recorder = (
+            ReplyRecorder(self.store, conversation_id) if conversation_id is not None else None
+        )
+        message_id = recorder.message_id if recorder else None
+        hooks.on_start(
+            ReplyStart(
+                conversation_id,
+                message_id,
+                len(prompt.tokens),
+                prompt.dropped_messages,
+                engine.n_ctx,
+            )
+        )
+        error = self._stream(stream, recorder, hooks)
+        if conversation_id is not None and self._kv is not None:
+            # Before the reply is reported done: the next reply (maybe of another conversation)
+            # must not take the engine first and leave this file holding its cache.
+            self._kv.save(conversation_id)
+        return ReplyOutcome(
+            conversation_id,
+            message_id,
+            stream.text,
+            list(stream.token_ids),
+            stream.stats,
+            prompt.dropped_messages,
+            engine.n_ctx,
+            error,
+        )
+
+    @staticmethod
+    def _stream(
+        stream: EngineStream, recorder: ReplyRecorder | None, hooks: ReplyHooks
+    ) -> str | None:
+        """Run the stream to its end, recording it; the error that ended it early, if any."""
+        error: str | None = None
+        try:
+            for chunk in stream:
+                if recorder is not None:
+                    recorder.feed(chunk)
+                hooks.on_text(chunk, stream.stats)
+        except StarlingError as exc:
+            error = str(exc)
+            stream.stats.stop_reason = "cancelled"
+        except BaseException:
+            # The front end failed (a closed pipe, Ctrl-C): keep what was generated, stopped.
+            stream.stats.stop_reason = "cancelled"
+            if recorder is not None:
+                recorder.finish(stream)
+            raise
+        if recorder is not None:
+            recorder.finish(stream, error)
+        return error

@@ -1,0 +1,68 @@
+"""A conversation's settings as one typed value, and the one place they meet the store."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from starling_local.chat.template import Mode, PromptStyle, SystemPolicy
+from starling_local.engine.runtime import SamplingParams
+from starling_local.errors import UsageError
+from starling_local.store.models import Conversation
+
+#: Sampling fields a conversation keeps (`ignore_eos` is for benchmarks and never saved).
+SAVED_SAMPLING = tuple(f.name for f in fields(SamplingParams) if f.name != "ignore_eos")
+
+
+@dataclass(frozen=True)
+class ConversationSettings:
+    """How a conversation is rendered and sampled."""
+
+    mode: Mode = Mode.CHAT
+    system: str = ""
+    policy: SystemPolicy = SystemPolicy.NATIVE
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+
+    @property
+    def style(self) -> PromptStyle:
+        return PromptStyle(self.mode, self.policy)
+
+    def with_sampling(self, **changes: Any) -> ConversationSettings:
+        """These settings with some sampling fields changed (unknown names are refused)."""
+        unknown = set(changes) - {f.name for f in fields(SamplingParams)}
+        if unknown:
+            raise UsageError(f"unknown sampling setting {sorted(unknown)[0]!r}")
+        return replace(self, sampling=replace(self.sampling, **changes))
+
+
+def settings_of(conversation: Conversation) -> ConversationSettings:
+    """The settings a conversation was saved with (defaults for what it does not say)."""
+    params = conversation.params
+    sampling = SamplingParams(**{k: params[k] for k in SAVED_SAMPLING if k in params})
+    policy = params.get("system_policy", SystemPolicy.NATIVE.value)
+    try:
+        return ConversationSettings(
+            Mode(conversation.mode), conversation.system, SystemPolicy(policy), sampling
+        )
+    except ValueError as exc:
+        raise UsageError(f"conversation {conversation.id}: unreadable settings ({exc})") from exc
+
+
+def stored_params(settings: ConversationSettings) -> dict[str, Any]:
+    """The `params` column: the saved sampling fields and the system policy."""
+    data = {k: v for k, v in asdict(settings.sampling).items() if k in SAVED_SAMPLING}
+    data["system_policy"] = settings.policy.value
+    return data
+
+
+def with_flags(settings: ConversationSettings, **flags: Any) -> ConversationSettings:
+    """`settings` with the options a user gave explicitly (None: not given, keep the saved)."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    out = settings
+    if "mode" in given:
+        out = replace(out, mode=Mode(given.pop("mode")))
+    if "system" in given:
+        out = replace(out, system=given.pop("system").strip())
+    if "system_policy" in given:
+        out = replace(out, policy=SystemPolicy(given.pop("system_policy")))
+    return out.with_sampling(**given) if given else out

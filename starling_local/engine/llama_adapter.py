@@ -1,0 +1,141 @@
+"""The one place that reaches into llama-cpp-python's private parts.
+
+`Llama` keeps its context (`_ctx`), the tokens in its KV cache (`input_ids`, `n_tokens`) and
+whether its logits are stale (`_requires_eval`) as private attributes, and builds its model
+parameters from `llama_model_default_params()` with no argument for some of them. The engine
+needs all of these; they are checked here at import, so an upgrade of llama-cpp-python that
+changes them fails with one line naming the versions that work, never deep in a reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import llama_cpp
+import llama_cpp.llama_cpp as low
+
+from starling_local.errors import StarlingError
+
+#: The llama-cpp-python releases whose private attributes this module was written against.
+SUPPORTED = ">=0.3.36,<0.4"
+
+_LLAMA_INIT_ATTRIBUTES = ("_ctx", "n_tokens", "input_ids")
+_LLAMA_GENERATE_ATTRIBUTES = ("_requires_eval", "n_tokens")
+_LOW_LEVEL = (
+    "llama_model_default_params",
+    "llama_get_memory",
+    "llama_memory_clear",
+    "llama_decode",
+    "llama_batch_get_one",
+    "llama_state_seq_get_size",
+    "llama_state_seq_get_data",
+    "llama_state_seq_set_data",
+)
+_patch_lock = threading.Lock()
+
+
+class IncompatibleLlamaError(StarlingError):
+    """The installed llama-cpp-python lacks what the engine relies on."""
+
+
+def missing_parts(llama_class: Any = None, module: Any = None) -> list[str]:
+    """What the engine needs and `llama_class` / `module` do not have (empty: all is there)."""
+    llama_class = llama_class or llama_cpp.Llama
+    module = module or low
+    init_names = set(llama_class.__init__.__code__.co_names)
+    generate_names = set(llama_class.generate.__code__.co_names)
+    missing = [f"Llama.{a}" for a in _LLAMA_INIT_ATTRIBUTES if a not in init_names]
+    missing += [f"Llama.{a}" for a in _LLAMA_GENERATE_ATTRIBUTES if a not in generate_names]
+    missing += [name for name in _LOW_LEVEL if not hasattr(module, name)]
+    return missing
+
+
+def check_compatible(llama_class: Any = None, module: Any = None) -> None:
+    """Fail with one line when llama-cpp-python is not a version the engine works with."""
+    missing = missing_parts(llama_class, module)
+    if missing:
+        found = getattr(llama_cpp, "__version__", "unknown")
+        raise IncompatibleLlamaError(
+            f"starling-local needs llama-cpp-python {SUPPORTED} (installed: {found}, which has "
+            f"no {missing[0]}): pip install 'llama-cpp-python{SUPPORTED}'"
+        )
+
+
+check_compatible()
+
+
+def version() -> str:
+    return str(llama_cpp.__version__)
+
+
+@contextlib.contextmanager
+def model_defaults(**fields: Any) -> Iterator[None]:
+    """Make `llama_model_default_params()` return `fields` changed while the block runs (for
+    parameters `Llama` has no argument for, such as `use_extra_bufts`)."""
+    original = low.llama_model_default_params
+
+    def patched() -> Any:
+        params = original()
+        for key, value in fields.items():
+            setattr(params, key, value)
+        return params
+
+    with _patch_lock:
+        low.llama_model_default_params = patched
+        try:
+            yield
+        finally:
+            low.llama_model_default_params = original
+
+
+def context_pointer(llm: Any) -> Any:
+    """The `llama_context *` of a `Llama`."""
+    return llm._ctx.ctx
+
+
+def cached_tokens(llm: Any) -> list[int]:
+    """The tokens whose keys and values are in the KV cache, in order."""
+    return [int(t) for t in llm.input_ids[: llm.n_tokens]]
+
+
+def clear_cache(llm: Any) -> None:
+    """Empty the KV cache."""
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(context_pointer(llm)), True)
+    llm.n_tokens = 0
+
+
+def warm_up(llm: Any) -> None:
+    """Decode one token and forget it (page in the weights, set up the compute graphs)."""
+    one = (llama_cpp.llama_token * 1)(1)
+    llama_cpp.llama_decode(context_pointer(llm), llama_cpp.llama_batch_get_one(one, 1))
+    clear_cache(llm)
+
+
+def state_of(llm: Any) -> tuple[list[int], Any, int]:
+    """The KV cache of sequence 0 as llama.cpp serializes it: (tokens, buffer, size)."""
+    ctx = context_pointer(llm)
+    size = int(llama_cpp.llama_state_seq_get_size(ctx, 0))
+    buffer = (ctypes.c_uint8 * size)()
+    written = int(llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0))
+    return cached_tokens(llm), buffer, written
+
+
+def restore_state(llm: Any, tokens: Sequence[int], data: bytearray) -> bool:
+    """Load a serialized sequence-0 cache holding `tokens`; False (and an empty cache) if
+    llama.cpp refuses it. `data` must come from `state_of` of the same model and version:
+    llama.cpp trusts its lengths."""
+    clear_cache(llm)
+    buffer = (ctypes.c_uint8 * len(data)).from_buffer(data)
+    read = int(llama_cpp.llama_state_seq_set_data(context_pointer(llm), buffer, len(data), 0))
+    if read <= 0:
+        clear_cache(llm)
+        return False
+    n = len(tokens)
+    llm.input_ids[:n] = list(tokens)
+    llm.n_tokens = n
+    llm._requires_eval = True  # the logits are not those of the last cached token
+    return True

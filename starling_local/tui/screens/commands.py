@@ -1,0 +1,236 @@
+"""The chat screen's commands: each one asks the conversation service for something in a
+thread worker (never on the UI thread) and shows the answer when it comes back."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from textual import work
+from textual.screen import Screen
+
+from starling_local.chat.settings import ConversationSettings
+from starling_local.chat.template import Mode
+from starling_local.errors import StarlingError
+from starling_local.store.models import Conversation
+from starling_local.tui.messages import ServiceDone, ServiceFailed
+from starling_local.tui.screens.dialogs import (
+    ConfirmScreen,
+    PromptScreen,
+    SettingsScreen,
+    TextScreen,
+)
+from starling_local.tui.widgets.prompt_input import PromptInput
+
+if TYPE_CHECKING:
+    from starling_local.chat.service import ConversationService
+    from starling_local.tui.widgets.status import StatusBar
+
+CODE_BLOCK = re.compile(r"```[^\n]*\n(.*?)```", re.DOTALL)
+
+
+class ConversationCommands(Screen[None]):
+    """Actions on the open conversation (the chat screen's keys and palette entries)."""
+
+    conversation: Conversation | None
+    settings: ConversationSettings
+    generating: bool
+    model_ready: bool
+
+    if TYPE_CHECKING:
+
+        @property
+        def service(self) -> ConversationService: ...
+        @property
+        def status(self) -> StatusBar: ...
+        @property
+        def cid(self) -> int | None: ...
+        def can_reply(self) -> bool: ...
+        def start_reply(
+            self, prepare: Callable[[], Conversation], reshow: bool = False
+        ) -> None: ...
+        async def open_conversation(
+            self, conv: Conversation | None, hide: int | None = None
+        ) -> None: ...
+        async def refresh_sidebar(self, search: str = "") -> None: ...
+
+    @work(thread=True, group="service")
+    def background(self, call: Callable[[], Any], then: Callable[[Any], Any] | None = None) -> None:
+        try:
+            result = call()
+        except StarlingError as exc:
+            self.post_message(ServiceFailed(str(exc)))
+            return
+        self.post_message(ServiceDone(then, result))
+
+    async def on_service_done(self, message: ServiceDone) -> None:
+        if message.then is not None:
+            result = message.then(message.result)
+            if inspect.isawaitable(result):
+                await result
+
+    def on_service_failed(self, message: ServiceFailed) -> None:
+        self.notify(message.error, severity="error")
+
+    def update_context(self) -> None:
+        """Show the tokens the conversation takes in the context window (worked out off the UI
+        thread: it tokenizes the whole conversation)."""
+        if not self.model_ready:
+            return
+
+        def show(usage: tuple[int, int]) -> None:
+            used, n_ctx = usage
+            over = " (oldest turns leave the prompt)" if used > n_ctx else ""
+            self.status.set(context=f"{used}/{n_ctx} tokens{over}")
+
+        cid, settings = self.cid, self.settings
+        self.background(lambda: self.service.context_usage(cid, settings), show)
+
+    # --- actions -------------------------------------------------------------------------------
+
+    def action_stop(self) -> None:
+        self.service.stop()
+
+    async def action_new(self) -> None:
+        if self.generating:
+            self.notify("Stop the reply first (Escape).")
+            return
+        self.settings = ConversationSettings(mode=self.settings.mode)
+        await self.open_conversation(None)
+        await self.refresh_sidebar()
+        self.query_one(PromptInput).focus()
+
+    def action_regenerate(self) -> None:
+        cid = self.cid
+        if cid is not None and self.can_reply():
+            self.start_reply(lambda: self.service.regenerate(cid), reshow=True)
+
+    def action_edit_last(self) -> None:
+        cid = self.cid
+        users = (
+            [m for m in self.conversation.messages if m.role == "user"] if self.conversation else []
+        )
+        if cid is None or not users or self.generating:
+            return
+
+        def resend(text: str | None) -> None:
+            if text and text.strip() and self.can_reply():
+                self.start_reply(lambda: self.service.edit_last(cid, text), reshow=True)
+
+        self.app.push_screen(TextScreen("Edit your last message", users[-1].content, True), resend)
+
+    def action_rename(self) -> None:
+        if self.conversation is None:
+            self.notify("Send a message first: new conversations are named after it.")
+            return
+        cid = self.conversation.id
+
+        async def renamed(conv: Conversation) -> None:
+            self.conversation = conv
+            await self.refresh_sidebar()
+
+        def done(title: str | None) -> None:
+            if title and title.strip():
+                self.background(lambda: self.service.rename(cid, title), renamed)
+
+        self.app.push_screen(TextScreen("Rename conversation", self.conversation.title), done)
+
+    def action_delete(self) -> None:
+        if self.conversation is None or self.generating:
+            return
+        cid = self.conversation.id
+
+        async def deleted(_: None) -> None:
+            await self.open_conversation(self.service.latest())
+            await self.refresh_sidebar()
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                self.background(lambda: self.service.delete(cid), deleted)
+
+        title = self.conversation.title or "untitled"
+        self.app.push_screen(ConfirmScreen(f"Delete “{title}”?"), done)
+
+    def change_settings(self, settings: ConversationSettings, note: str = "") -> None:
+        """New settings for the open conversation (saved off the UI thread) or the next one."""
+        self.settings = settings
+        self.status.set(mode=settings.mode.value)
+        cid = self.cid
+        if cid is not None:
+            self.background(lambda: self.service.save_settings(cid, settings))
+        if note:
+            self.notify(note)
+        self.update_context()
+
+    def action_toggle_mode(self) -> None:
+        mode = Mode.CODE if self.settings.mode is Mode.CHAT else Mode.CHAT
+        self.change_settings(replace(self.settings, mode=mode))
+
+    def action_system_prompt(self) -> None:
+        def done(text: str | None) -> None:
+            if text is not None:
+                self.change_settings(replace(self.settings, system=text.strip()))
+
+        self.app.push_screen(TextScreen("System prompt", self.settings.system, True), done)
+
+    def action_settings(self) -> None:
+        s = self.settings.sampling
+        values = {
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "max_tokens": s.max_tokens,
+            "seed": s.seed,
+        }
+
+        def done(changes: dict[str, Any] | None) -> None:
+            if changes is not None:
+                self.change_settings(
+                    self.settings.with_sampling(**changes), "Sampling settings saved."
+                )
+
+        self.app.push_screen(SettingsScreen(values), done)
+
+    def action_show_prompt(self) -> None:
+        if not self.model_ready:
+            self.notify("The model is not loaded.")
+            return
+        cid, settings = self.cid, self.settings
+
+        def show(p: Any) -> None:
+            self.app.push_screen(PromptScreen(p.text, p.tokens, p.n_ctx, p.dropped_messages))
+
+        self.background(lambda: self.service.preview(cid, settings), show)
+
+    def action_export(self) -> None:
+        cid = self.cid
+        if cid is not None:
+            from starling_local.paths import get_paths
+
+            folder = get_paths().data / "exports"
+            self.background(
+                lambda: self.service.export(cid, folder),
+                lambda paths: self.notify(f"Exported to {paths[0]} and {paths[1].name}"),
+            )
+
+    def last_reply(self) -> str:
+        messages = self.conversation.messages if self.conversation else []
+        return next((m.content for m in reversed(messages) if m.role == "assistant"), "")
+
+    def action_copy_reply(self) -> None:
+        if text := self.last_reply():
+            self.app.copy_to_clipboard(text)
+            self.notify("Copied the last reply.")
+
+    def action_copy_code(self) -> None:
+        blocks = CODE_BLOCK.findall(self.last_reply())
+        if blocks:
+            self.app.copy_to_clipboard(blocks[-1])
+        self.notify(
+            "Copied the last code block." if blocks else "The last reply has no code block."
+        )
+
+    def action_search(self) -> None:
+        self.query_one("#search").focus()

@@ -135,8 +135,10 @@ def test_the_header_records_what_made_the_file(tiny_q4: Path, tmp_path: Path) ->
     header = json.loads(data[len(MAGIC) + 4 : len(MAGIC) + 4 + length])
     assert header["model"] == engine.model_key
     assert header["llama_cpp_python"] == llama_cpp.__version__
-    assert header["n_tokens"] > 300 and header["format"] == 1
-    assert len(data) == len(MAGIC) + 4 + length + 4 * header["n_tokens"] + header["payload_bytes"]
+    assert header["token_count"] > 300 and header["format"] == 1
+    assert (
+        len(data) == len(MAGIC) + 4 + length + 4 * header["token_count"] + header["payload_bytes"]
+    )
     engine.close()
 
 

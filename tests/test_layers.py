@@ -1,4 +1,9 @@
-"""The package's layers import downward only, and only the TUI imports Textual."""
+"""The package's layers import downward only, and only the TUI imports Textual.
+
+The table below is the whole intended shape: every package and base module of
+`starling_local`, and what each may import. A module not in it, or an import not allowed by
+it, fails the test (a new module has to be placed in the table on purpose).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +14,31 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "starling_local"
 
-#: layer -> the layers it must not import
-FORBIDDEN = {
-    "engine": {"chat", "tui", "cli", "store", "bench"},
-    "store": {"chat", "tui", "cli", "engine", "acquire", "bench"},
-    "acquire": {"chat", "tui", "cli", "store", "bench"},
-    "chat": {"tui", "cli", "bench"},
-    "bench": {"cli"},
+#: The base: modules and packages that import no layer, only each other as listed.
+BASE_TABLE: dict[str, set[str]] = {
+    "__init__": set(),
+    "errors": set(),
+    "vocab": set(),
+    "paths": set(),
+    "files": {"errors"},
+    "progress": {"files"},
+    "gguf": {"errors", "vocab", "files"},
+    "llamacpp": set(),
 }
+BASE = set(BASE_TABLE) - {"__init__"}
+
+#: The layers, top to bottom, and what each may import (besides itself).
+LAYER_TABLE: dict[str, set[str]] = {
+    "store": {"errors", "paths"},
+    "engine": {"errors", "paths", "vocab", "gguf", "llamacpp"},
+    "acquire": BASE,
+    "chat": {"engine", "store", "acquire"} | BASE,
+    "tui": {"chat", "engine", "store", "acquire"} | BASE,
+    "bench": {"tui", "chat", "engine", "store", "acquire"} | BASE,
+    "cli": {"tui", "bench", "chat", "engine", "store", "acquire", "__init__"} | BASE,
+    "__main__": {"cli"},
+}
+TABLE = {**BASE_TABLE, **LAYER_TABLE}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -27,7 +49,50 @@ def imports_of(path: Path) -> set[str]:
             names |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             names.add(node.module)
+            if node.module == "starling_local":  # `from starling_local import __version__`
+                names |= {f"starling_local.{a.name}" for a in node.names}
     return names
+
+
+def unit_of(module: str) -> str:
+    """`starling_local.chat.service` -> `chat`; `starling_local.paths` -> `paths`."""
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "__init__"
+    is_module = (PACKAGE / parts[1]).is_dir() or (PACKAGE / f"{parts[1]}.py").exists()
+    return parts[1] if is_module else "__init__"  # `from starling_local import __version__`
+
+
+def unit_of_file(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+def test_every_module_is_in_the_table() -> None:
+    units = {unit_of_file(p) for p in PACKAGE.rglob("*.py")}
+    assert units - set(TABLE) == set(), "place new modules in the layer table"
+    assert set(TABLE) - units == set(), "the table names modules that no longer exist"
+
+
+def test_layers_import_only_what_the_table_allows() -> None:
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        unit = unit_of_file(path)
+        allowed = TABLE[unit] | {unit}
+        for name in sorted(imports_of(path)):
+            if name == "starling_local" or name.startswith("starling_local."):
+                target = unit_of(name)
+                if name != "starling_local" and target not in allowed:
+                    offenders.append(f"{path.relative_to(PACKAGE)} imports {name}")
+    assert offenders == []
+
+
+def test_the_table_reads_downward() -> None:
+    """No cycles: each unit's allowed imports sit strictly below it."""
+    order = list(TABLE)
+    for unit, allowed in TABLE.items():
+        above = set(order[order.index(unit) :])
+        assert allowed & above == set(), f"{unit} may import {allowed & above} above it"
 
 
 def test_only_the_tui_imports_textual() -> None:
@@ -40,14 +105,14 @@ def test_only_the_tui_imports_textual() -> None:
     assert offenders == []
 
 
-def test_layers_import_downward_only() -> None:
-    offenders = []
-    for layer, forbidden in FORBIDDEN.items():
-        for path in (PACKAGE / layer).rglob("*.py"):
-            for name in imports_of(path):
-                parts = name.split(".")
-                if parts[0] == "starling_local" and len(parts) > 1 and parts[1] in forbidden:
-                    offenders.append(f"{path.relative_to(PACKAGE)} imports {name}")
+def test_only_the_adapter_touches_llama_cpp_python_private_parts() -> None:
+    """`_ctx`, `input_ids`, `n_tokens`, `_requires_eval` and the patched defaults."""
+    private = ("._ctx", ".input_ids", ".n_tokens", "._requires_eval", "llama_model_default_params")
+    offenders = [
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if p.name != "llama_adapter.py" and any(s in p.read_text() for s in private)
+    ]
     assert offenders == []
 
 

@@ -36,7 +36,7 @@ class StateHeader:
     format: int
     llama_cpp_python: str
     model: str
-    n_tokens: int
+    token_count: int
     payload_bytes: int
     crc32: int
 
@@ -89,11 +89,11 @@ def read_state_file(path: Path, *, model: str, version: str) -> tuple[list[int],
             )
         if header.model != model:
             raise StateFileError("made with another model file")
-        token_bytes = fh.read(4 * header.n_tokens)
+        token_bytes = fh.read(4 * header.token_count)
         payload = bytearray(header.payload_bytes)
         got = fh.readinto(payload)
         extra = fh.read(1)
-    if len(token_bytes) != 4 * header.n_tokens or got != header.payload_bytes or extra:
+    if len(token_bytes) != 4 * header.token_count or got != header.payload_bytes or extra:
         raise StateFileError("truncated or padded")
     if zlib.crc32(payload, zlib.crc32(token_bytes)) != header.crc32:
         raise StateFileError("checksum mismatch")

@@ -59,3 +59,41 @@ def test_chat_in_a_real_terminal(eager_gguf: Path, starling_home: Path) -> None:
     store = ConversationStore(starling_home / "data" / "starling.db")
     [conv] = store.conversations()
     assert [m.role for m in store.get(conv.id).messages] == ["user", "assistant"]
+
+
+QUITS = 20
+
+
+def test_quit_mid_reply_twenty_times(tiny_q4: Path, starling_home: Path, tmp_path: Path) -> None:
+    """Ctrl+Q while a reply streams, in a real terminal, 20 times in a row: every exit is clean
+    (status 0, no SIGSEGV) and every partial reply is saved, marked stopped."""
+    starling = Path(sys.executable).with_name("starling")
+    statuses = []
+    for i in range(QUITS):
+        session = f"starling-quit-{os.getpid()}-{i}"
+        rc_file = tmp_path / f"rc-{i}"
+        command = (
+            f"env STARLING_HOME={starling_home} {starling} chat --model {tiny_q4} --ctx 4096; "
+            f"echo $? > {rc_file}"
+        )
+        tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", command)
+        try:
+            wait_for(session, "tiny-q4_k_m.gguf")  # loaded
+            tmux("send-keys", "-t", session, "-l", f"Tell me a very long story, part {i}")
+            tmux("send-keys", "-t", session, "Enter")
+            wait_for(session, "tok/s")  # the reply is streaming
+            tmux("send-keys", "-t", session, "C-q")
+            deadline = time.monotonic() + 20
+            while not rc_file.exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            statuses.append(rc_file.read_text().strip() if rc_file.exists() else "hung")
+        finally:
+            subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    assert statuses == ["0"] * QUITS
+    from starling_local.store.conversations import ConversationStore
+
+    store = ConversationStore(starling_home / "data" / "starling.db")
+    replies = [store.get(c.id).messages[-1] for c in store.conversations()]
+    assert len(replies) == QUITS
+    assert all(r.role == "assistant" and r.content for r in replies)
+    assert all(r.incomplete and r.stop_reason == "cancelled" for r in replies)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ from textual.widgets import Input, TextArea
 from starling_local.store.conversations import ConversationStore
 from starling_local.tui.app import StarlingApp
 from starling_local.tui.screens.chat import ChatScreen
-from starling_local.tui.screens.dialogs import PromptScreen, TextScreen
+from starling_local.tui.screens.dialogs import ConfirmScreen, PromptScreen, TextScreen
 from starling_local.tui.widgets.chat_view import MessageView
 from starling_local.tui.widgets.sidebar import ConversationItem
 
@@ -198,9 +199,76 @@ async def test_no_model_says_how_to_get_one(store: ConversationStore) -> None:
         notice = screen(app).chat.last("notice")
         assert notice is not None
         await until(pilot, lambda: "starling pull" in notice.markdown.source)
-        screen(app).query_one("#input", TextArea).text = "Hello?"
+        box = screen(app).query_one("#input", TextArea)
+        box.focus()
+        box.text = "Hello?"
         await pilot.press("enter")
+        await until(pilot, lambda: any("no model yet" in n.message for n in app._notifications))
+        assert box.text == "Hello?"  # kept for when a model is there: nothing was sent
         assert store.conversations() == []  # nothing half-saved without a model
+
+
+async def test_quit_while_a_reply_streams(tiny_q4: Path, store: ConversationStore) -> None:
+    """Ctrl+Q mid-reply: the reply stops, is saved marked stopped, then llama.cpp is freed
+    (closing it under the generating thread was a SIGSEGV)."""
+    app = StarlingApp(model=str(tiny_q4), store=store, n_ctx=4096)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        s.settings = s.settings.with_sampling(max_tokens=4000)
+        s.query_one("#input", TextArea).text = "Go on and on"
+        await pilot.press("enter")
+        await until(pilot, lambda: s.reply_view is not None and bool(s.reply_view.markdown.source))
+        await pilot.press("ctrl+q")
+    assert app.return_code in (0, None)
+    engine = app.service.engine
+    assert engine is not None and engine.closed
+    reply = store.get(store.conversations()[0].id).messages[-1]
+    assert reply.role == "assistant" and reply.content
+    assert reply.incomplete and reply.stop_reason == "cancelled"
+
+
+async def test_no_store_write_on_the_ui_thread(
+    eager_gguf: Path, store: ConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sending, regenerating, editing, renaming, settings, mode and deleting all write the store
+    from worker threads: a writer waiting on another process's lock never freezes the UI."""
+    writers: list[str] = []
+    original = ConversationStore._write
+
+    def spy(self: ConversationStore) -> Any:
+        writers.append(threading.current_thread().name)
+        assert threading.current_thread() is not threading.main_thread(), "store write on UI"
+        return original(self)
+
+    monkeypatch.setattr(ConversationStore, "_write", spy)
+    app = StarlingApp(model=str(eager_gguf), store=store, n_ctx=1024)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        await send(pilot, app, "Hello there")
+        cid = store.conversations()[0].id
+        before = len(writers)
+        await pilot.press("ctrl+g")
+        await until(pilot, lambda: len(writers) > before + 2 and not s.generating)
+        await pilot.press("ctrl+l")
+        await until(pilot, lambda: isinstance(app.screen, TextScreen))
+        app.screen.query_one(TextArea).text = "Edited"
+        await pilot.press("ctrl+s")
+        await until(
+            pilot, lambda: store.get(cid).messages[0].content == "Edited" and not s.generating
+        )
+        await until(pilot, lambda: not s.generating)
+        await pilot.press("ctrl+t")
+        await until(pilot, lambda: store.get(cid).mode == "code")
+        await pilot.press("ctrl+r")
+        await until(pilot, lambda: isinstance(app.screen, TextScreen))
+        app.screen.query_one(Input).value = "Renamed"
+        await pilot.press("enter")
+        await until(pilot, lambda: store.get(cid).title == "Renamed")
+        await pilot.press("f8")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.click("#yes")
+        await until(pilot, lambda: store.conversations() == [])
+    assert len(writers) > 8 and "MainThread" not in writers
 
 
 def test_main_screen_snapshot(

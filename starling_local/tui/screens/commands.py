@@ -39,6 +39,7 @@ class ConversationCommands(Screen[None]):
     settings: ConversationSettings
     generating: bool
     model_ready: bool
+    model_error: str | None
 
     if TYPE_CHECKING:
 

@@ -5,6 +5,20 @@ from __future__ import annotations
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Label, Markdown
 
+#: Shown when there is no model to load.
+NO_MODEL_HELP = """\
+**No model yet.** In a terminal, run:
+
+```
+starling pull                            # Starling-LM-7B-alpha, Q4_K_M (4.4 GB)
+starling pull starling-lm-7b-beta        # or the beta
+```
+
+then start `starling` again (or `starling chat --model PATH.gguf` for a file you already have).
+"""
+#: How a reply that ended early is labelled, by stop reason.
+NOTES = {"cancelled": "stopped", "length": "max tokens reached", "error": "error"}
+
 
 class MessageView(Vertical):
     """A message with a small header (who, and a note such as "stopped")."""

@@ -1,0 +1,116 @@
+"""Streaming a reply onto the chat screen: the worker that runs it through the conversation
+service, and the messages it posts (started, text, done)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from textual import work
+from textual.widgets import Markdown
+
+from starling_local.chat.service import ReplyHooks
+from starling_local.store.models import Conversation
+from starling_local.tui.messages import ReplyChunk, ReplyDone, ReplyStarted
+from starling_local.tui.screens.commands import ConversationCommands
+from starling_local.tui.streaming import ChunkBatcher
+from starling_local.tui.widgets.chat_view import NOTES, MessageView
+
+if TYPE_CHECKING:
+    from starling_local.tui.widgets.chat_view import ChatView
+
+
+class ReplyStreaming(ConversationCommands):
+    """Replies: started by the chat screen, streamed here."""
+
+    reply_view: MessageView | None
+    md_stream: Any
+    reshow: bool
+    reply_overrides: dict[str, Any]
+    render_lag_s: float | None
+    _status_at: float
+
+    if TYPE_CHECKING:
+
+        @property
+        def chat(self) -> ChatView: ...
+
+    def can_reply(self) -> bool:
+        if self.generating:
+            self.notify("Still replying: wait, or press Escape to stop.")
+        elif not self.model_ready:
+            self.notify(self.model_error or "The model is still loading.", severity="warning")
+        return not self.generating and self.model_ready
+
+    def start_reply(self, prepare: Callable[[], Conversation], reshow: bool = False) -> None:
+        self.generating = True
+        self.reshow = reshow
+        self.status.set(state="replying… (Esc stops)", speed="")
+        self.run_reply(prepare)
+
+    async def on_reply_started(self, message: ReplyStarted) -> None:
+        start = message.start
+        assert start.conversation_id is not None
+        if self.reshow or self.cid != start.conversation_id:
+            self.conversation = self.service.get(start.conversation_id)
+            if self.reshow:
+                await self.open_conversation(self.conversation, hide=start.message_id)
+        self.reply_view = await self.chat.add("assistant", "")
+        self.md_stream = Markdown.get_stream(self.reply_view.markdown)
+        if start.dropped_messages:
+            self.reply_view.set_note(f"{start.dropped_messages} oldest messages left out")
+            self.notify(
+                f"The conversation is longer than the {start.n_ctx}-token context: the "
+                f"{start.dropped_messages} oldest messages were left out of the prompt "
+                "(not deleted)."
+            )
+        await self.refresh_sidebar()
+
+    async def on_reply_chunk(self, message: ReplyChunk) -> None:
+        if self.md_stream is not None:
+            await self.md_stream.write(message.text)
+        now = time.monotonic()
+        if now - self._status_at >= 0.5:  # a status update re-lays-out the screen: twice a second
+            self._status_at = now
+            self.status.set(speed=f"{message.tokens_per_s:.1f} tok/s")
+
+    async def on_reply_done(self, message: ReplyDone) -> None:
+        if self.md_stream is not None:
+            await self.md_stream.stop()
+            self.md_stream = None
+        outcome, view = message.outcome, self.reply_view
+        if outcome is None:
+            await self.chat.add("notice", f"**The reply failed:** {message.error}")
+        elif view is not None:
+            reason = "error" if outcome.error else outcome.stats.stop_reason
+            dropped = (
+                f"{outcome.dropped_messages} oldest left out" if outcome.dropped_messages else ""
+            )
+            view.set_note(", ".join(filter(None, [NOTES.get(reason, ""), dropped])))
+            if outcome.error:
+                self.notify(outcome.error, severity="error")
+        self.generating = False
+        self.reply_view = None
+        tps = outcome.stats.decode_tokens_per_s if outcome else 0.0
+        self.status.set(state="", speed=f"{tps:.1f} tok/s" if tps else "")
+        self.render_lag_s = time.perf_counter() - message.generated_at
+        if self.cid is not None:
+            self.conversation = self.service.get(self.cid)
+        self.update_context()
+        await self.refresh_sidebar()
+
+    @work(thread=True, exclusive=True, group="reply")
+    def run_reply(self, prepare: Callable[[], Conversation]) -> None:
+        """Commit what `prepare` does (the user message, a truncation), then the reply."""
+        batcher = ChunkBatcher(self.post_message)
+        hooks = ReplyHooks(lambda start: self.post_message(ReplyStarted(start)), batcher.feed)
+        try:
+            conv = prepare()
+            outcome = self.service.reply(conv.id, hooks=hooks, overrides=self.reply_overrides)
+        except Exception as exc:  # shown in the conversation, never a crash of the app
+            batcher.flush()
+            self.post_message(ReplyDone(None, str(exc) or type(exc).__name__))
+            return
+        batcher.flush()
+        self.post_message(ReplyDone(outcome, outcome.error))

@@ -1,0 +1,133 @@
+"""The engine used from several threads, and closed while it works (real llama.cpp)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from starling_local.chat.session import start_reply
+from starling_local.chat.template import Message
+from starling_local.engine import llama_adapter
+from starling_local.engine.runtime import Engine, EngineClosedError, SamplingParams
+
+LONG = SamplingParams(temperature=0.0, max_tokens=100_000)  # until the window is full
+SHORT = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+def test_close_while_another_thread_generates(tiny_q4: Path) -> None:
+    engine = Engine(tiny_q4, n_ctx=4096)
+    reply = start_reply(engine, [Message("user", "Go on")], params=LONG)
+    started = threading.Event()
+    chunks: list[str] = []
+
+    def consume() -> None:
+        for chunk in reply.stream:
+            chunks.append(chunk)
+            started.set()
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    assert started.wait(30)
+    engine.close()  # cancels, waits for the generation to leave llama.cpp, then frees it
+    worker.join(10)
+    assert not worker.is_alive()
+    assert reply.stream.stats.stop_reason == "cancelled"
+    assert 0 < reply.stream.stats.completion_tokens < 4000
+    assert engine.closed
+    with pytest.raises(EngineClosedError):
+        engine.tokenize_text("hello")
+    with pytest.raises(EngineClosedError):
+        start_reply(engine, [Message("user", "again")], params=SHORT)
+    engine.close()  # twice is fine
+
+
+def test_close_with_an_abandoned_stream(tiny_q4: Path) -> None:
+    """A stream that was started and then left (nobody iterates it) must not keep close()
+    waiting forever: the engine closes the suspended generation itself."""
+    engine = Engine(tiny_q4, n_ctx=1024)
+    reply = start_reply(engine, [Message("user", "Hi")], params=LONG)
+    next(iter(reply.stream))
+    done = threading.Event()
+    closer = threading.Thread(target=lambda: (engine.close(), done.set()))
+    closer.start()
+    assert done.wait(10), "close() hung on a suspended generation"
+    assert list(reply.stream) == []  # the stream has ended
+    assert reply.stream.stats.stop_reason == "cancelled"
+
+
+def test_generations_from_two_threads_run_one_after_the_other(engine: Engine) -> None:
+    prompts = ["The first one", "The second one"]
+    alone = [
+        start_reply(engine, [Message("user", p)], params=SHORT).stream.consume() for p in prompts
+    ]
+    results: dict[str, str] = {}
+
+    def run(prompt: str) -> None:
+        results[prompt] = start_reply(
+            engine, [Message("user", prompt)], params=SHORT
+        ).stream.consume()
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[p] for p in prompts] == alone  # never interleaved in one KV cache
+
+
+def test_tokenizing_does_not_wait_for_a_generation(tiny_q4: Path, vocab: Engine) -> None:
+    engine = Engine(tiny_q4, n_ctx=4096)
+    cancel = threading.Event()
+    reply = start_reply(engine, [Message("user", "Go on")], params=LONG, cancel=cancel)
+    it = iter(reply.stream)
+    next(it)  # the generation holds the context now
+    start = time.perf_counter()
+    tokens = engine.tokenize_text("Hello world")
+    assert tokens == vocab.tokenize_text("Hello world")
+    assert time.perf_counter() - start < 5  # it did not wait for 4,000 tokens
+    cancel.set()
+    list(it)
+    engine.close()
+
+
+class _OldLlama:
+    """A stand-in for a llama-cpp-python `Llama` whose private attributes were renamed."""
+
+    def __init__(self) -> None:
+        self.context = None
+        self.n_tokens = 0
+        self.input_ids = None
+
+    def generate(self) -> None:
+        self._requires_eval = True
+        self.n_tokens = 0
+
+
+def test_a_llama_cpp_python_without_the_private_parts_is_refused_in_one_line() -> None:
+    assert llama_adapter.missing_parts() == []  # the installed one has them all
+    assert llama_adapter.missing_parts(_OldLlama) == ["Llama._ctx"]
+    with pytest.raises(llama_adapter.IncompatibleLlamaError) as info:
+        llama_adapter.check_compatible(_OldLlama)
+    message = str(info.value)
+    assert "\n" not in message and "llama-cpp-python>=0.3.36,<0.4" in message
+
+
+def test_the_cli_says_which_llama_cpp_python_it_needs(tiny_q4: Path) -> None:
+    code = (
+        "import sys, llama_cpp.llama_cpp as low\n"
+        "del low.llama_state_seq_set_data\n"  # as if an upgrade had renamed it
+        "from starling_local.cli import main\n"
+        f"sys.exit(main(['ask', 'hi', '--model', {str(tiny_q4)!r}, '--no-save']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines() == [
+        f"starling: error: starling-local needs llama-cpp-python >=0.3.36,<0.4 (installed: "
+        f"{llama_adapter.version()}, which has no llama_state_seq_set_data): "
+        "pip install 'llama-cpp-python>=0.3.36,<0.4'"
+    ]

@@ -8,8 +8,8 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from starling_local import files
 from starling_local.acquire import convert as convert_module
-from starling_local.acquire import files
 from starling_local.acquire.convert import ConvertError, OutType, convert_checkpoint
 from starling_local.acquire.quantize import quantize
 from starling_local.errors import StarlingError, UsageError

@@ -162,6 +162,53 @@ def test_modelscope_without_the_extra_says_how_to_get_it(env: dict[str, str]) ->
         pytest.skip("modelscope is installed")
 
 
+FAKE_MODELSCOPE = """
+import json, os, shutil
+def model_file_download(model_id, file_path, revision=None):
+    with open(os.environ["MS_LOG"], "a") as log:
+        log.write(json.dumps([model_id, file_path]) + "\\n")
+    out = os.path.join(os.environ["MS_CACHE"], model_id, file_path)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    shutil.copy(os.environ["MS_SOURCE"], out)
+    return out
+"""
+
+
+def test_modelscope_gets_the_modelscope_repository_id(tiny_q4: Path, tmp_path: Path) -> None:
+    """ModelScope cannot be reached here, so a stand-in module records what is asked of it."""
+    package = tmp_path / "site" / "modelscope" / "hub"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "file_download.py").write_text(FAKE_MODELSCOPE)
+    log = tmp_path / "ms.log"
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(tmp_path / "site"),
+        MS_LOG=str(log),
+        MS_CACHE=str(tmp_path / "ms"),
+        MS_SOURCE=str(tiny_q4),
+        STARLING_HOME=str(tmp_path / "home"),
+    )
+
+    def pull(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "starling_local", "pull", *args, "--source", "modelscope"],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+
+    # The catalog's GGUFs live on Hugging Face: their repo id is not a ModelScope id.
+    assert_one_line_error(pull(), 2, "no ModelScope mirror of TheBloke/Starling-LM-7B-alpha-GGUF")
+    assert not log.exists()  # nothing was asked of ModelScope
+    r = pull("AI-ModelScope/Starling-GGUF/starling.Q4_K_M.gguf")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line) for line in log.read_text().splitlines()] == [
+        ["AI-ModelScope/Starling-GGUF", "starling.Q4_K_M.gguf"]
+    ]
+
+
 def test_convert_from_repo_downloads_only_what_it_needs(hub: FakeHub, env: dict[str, str]) -> None:
     r = run(env, "convert", CKPT_REPO, "--quant", "Q4_K_M")
     assert r.returncode == 0, r.stderr

@@ -152,12 +152,24 @@ class PromptStyle:
 DEFAULT_STYLE = PromptStyle()
 
 
+def _wants_reply(messages: Sequence[Message]) -> bool:
+    return not messages or messages[-1].role != "assistant"
+
+
 def render_text(
     messages: Sequence[Message], system: str = "", style: PromptStyle = DEFAULT_STYLE
 ) -> str:
-    """Render a conversation, ready for the reply, to the exact prompt text."""
+    """Render a conversation to the exact prompt text (ready for the reply unless it ends with
+    one), special tokens written as their pieces."""
     return segments_to_text(
-        render_segments(messages, mode=style.mode, system=system, policy=style.policy, exact=False)
+        render_segments(
+            messages,
+            mode=style.mode,
+            system=system,
+            policy=style.policy,
+            add_generation_prompt=_wants_reply(messages),
+            exact=False,
+        )
     )
 
 
@@ -167,7 +179,15 @@ def render_tokens(
     system: str = "",
     style: PromptStyle = DEFAULT_STYLE,
 ) -> list[int]:
-    """Render a conversation, ready for the reply, to the exact prompt token ids."""
+    """Render a conversation to the exact prompt token ids (ready for the reply unless it ends
+    with one)."""
     return segments_to_tokens(
-        render_segments(messages, mode=style.mode, system=system, policy=style.policy), tokenize
+        render_segments(
+            messages,
+            mode=style.mode,
+            system=system,
+            policy=style.policy,
+            add_generation_prompt=_wants_reply(messages),
+        ),
+        tokenize,
     )

@@ -10,7 +10,7 @@ from typing import Any
 
 from starling_local.chat.service import ReplyStart
 from starling_local.chat.settings import ConversationSettings, with_flags
-from starling_local.chat.template import Message, Mode, PromptStyle, SystemPolicy
+from starling_local.chat.template import Message, Mode, SystemPolicy
 from starling_local.cli.common import (
     add_engine_options,
     add_model_option,
@@ -190,27 +190,20 @@ def parse_messages(raw: str) -> list[Message]:
 
 
 def run_render(args: argparse.Namespace) -> int:
-    from starling_local.chat.template import render_segments, segments_to_text, segments_to_tokens
+    from starling_local.chat.template import render_text, render_tokens
 
     messages = parse_messages(read_stdin_text("messages"))
-    style = PromptStyle(
-        Mode(args.mode or Mode.CHAT.value),
-        SystemPolicy(args.system_policy or SystemPolicy.NATIVE.value),
-    )
-    segments = render_segments(
-        messages,
-        mode=style.mode,
-        system=args.system or "",
-        policy=style.policy,
-        add_generation_prompt=not messages or messages[-1].role != "assistant",
-        exact=False,
-    )
+    settings = _settings(args, ConversationSettings())
     if not args.tokens:
-        sys.stdout.write(segments_to_text(segments) + "\n")
+        sys.stdout.write(render_text(messages, settings.system, settings.style) + "\n")
         return 0
     from starling_local.acquire.library import resolve_model
     from starling_local.engine.runtime import Engine
 
     engine = Engine(resolve_model(args.model), vocab_only=True)
-    print(json.dumps(segments_to_tokens(segments, engine.tokenize_text)))
+    try:
+        tokens = render_tokens(messages, engine.tokenize_text, settings.system, settings.style)
+    finally:
+        engine.close()
+    print(json.dumps(tokens))
     return 0

@@ -47,15 +47,23 @@ class ReplyRecorder:
             self.store.update_message(self.message_id, self.text, incomplete=True)
             self._last = time.monotonic()
 
-    def finish(self, stream: EngineStream, error: str | None = None) -> None:
-        """The end: complete unless it was cancelled or failed (`error`)."""
+    def finish(
+        self,
+        stream: EngineStream,
+        error: str | None = None,
+        *,
+        text: str | None = None,
+        exact: bool = True,
+    ) -> None:
+        """The end: complete unless it was cancelled or failed (`error`). `text` is what was
+        shown (without a stop string); `exact` says its token ids are the stream's."""
         s = stream.stats
         stopped = s.stop_reason == "cancelled" or error is not None
         self.store.update_message(
             self.message_id,
-            stream.text,
+            stream.text if text is None else text,
             incomplete=stopped,
             stop_reason="error" if error is not None else s.stop_reason,
-            tokens=tuple(stream.token_ids),
+            tokens=tuple(stream.token_ids) if exact else None,
             stats=s.as_dict(),
         )

@@ -9,21 +9,26 @@ second, and the KV state file is saved before `reply()` returns.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from starling_local.chat.context import FittedPrompt
+from starling_local.chat.context import ContextOverflowError, FittedPrompt
 from starling_local.chat.conversation import ReplyRecorder, to_messages
 from starling_local.chat.kv_cache import ConversationCache, forget
+from starling_local.chat.replies import ReplyHooks, ReplyOutcome, ReplyStart, run_reply
+from starling_local.chat.sequences import SequenceCache
 from starling_local.chat.session import build_prompt
 from starling_local.chat.settings import ConversationSettings, settings_of, stored_params
 from starling_local.chat.template import Message, render_segments, segments_to_text
 from starling_local.chat.transcripts import from_json, to_json, to_markdown
-from starling_local.engine.runtime import Engine, EngineStream, GenerationStats
+from starling_local.engine.runtime import Engine, SamplingParams
 from starling_local.errors import StarlingError, UsageError
+
+__all__ = ["ConversationService", "ReplyHooks", "ReplyOutcome", "ReplyStart"]
 from starling_local.store.conversations import ConversationStore
 from starling_local.store.models import Conversation
 
@@ -37,32 +42,6 @@ class ServiceClosedError(StarlingError):
 
 
 @dataclass(frozen=True)
-class ReplyStart:
-    """Told to the front end when generation begins."""
-
-    conversation_id: int | None
-    message_id: int | None
-    prompt_tokens: int
-    dropped_messages: int
-    """The oldest messages left out of the prompt to fit the context (never deleted)."""
-    n_ctx: int
-
-
-@dataclass
-class ReplyOutcome:
-    """A finished (or stopped) reply."""
-
-    conversation_id: int | None
-    message_id: int | None
-    text: str
-    token_ids: list[int]
-    stats: GenerationStats
-    dropped_messages: int
-    n_ctx: int
-    error: str | None = None
-
-
-@dataclass(frozen=True)
 class PromptPreview:
     """The exact prompt the next reply would get."""
 
@@ -73,16 +52,8 @@ class PromptPreview:
 
 
 @dataclass
-class ReplyHooks:
-    """What a front end is told while a reply runs (called in the replying thread)."""
-
-    on_start: Callable[[ReplyStart], object] = lambda start: None
-    on_text: Callable[[str, GenerationStats], object] = lambda text, stats: None
-
-
-@dataclass
 class _Turn:
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: threading.Event
 
 
 class ConversationService:
@@ -107,6 +78,7 @@ class ConversationService:
         self._replying = threading.Lock()  # one reply at a time, from start to saved state
         self._turn: _Turn | None = None
         self._closed = False
+        self._sequences = SequenceCache()
         if engine is not None:
             self.attach_engine(engine, model_name)
 
@@ -325,22 +297,27 @@ class ConversationService:
         *,
         hooks: ReplyHooks | None = None,
         overrides: dict[str, Any] | None = None,
+        cancel: threading.Event | None = None,
+        stop: Sequence[str] = (),
     ) -> ReplyOutcome:
         """Generate the reply to a saved conversation that ends with a user message, recording
         it as it streams; its KV state is saved before this returns. `overrides` change sampling
         fields for this reply only (benchmarks)."""
-        with self._replying:
-            turn = self._begin()
-            try:
-                conv = self.store.get(conversation_id)
-                settings = settings_of(conv)
-                if overrides:
-                    settings = settings.with_sampling(**overrides)
-                return self._generate(
-                    to_messages(conv), settings, turn, hooks or ReplyHooks(), conv.id
-                )
-            finally:
-                self._end()
+        with self._turn_for(cancel) as turn:
+            conv = self.store.get(conversation_id)
+            settings = settings_of(conv)
+            if overrides:
+                settings = settings.with_sampling(**overrides)
+            prompt = self._fit(to_messages(conv), settings)
+            return self._generate(
+                prompt.tokens,
+                settings.sampling,
+                turn,
+                hooks,
+                conv.id,
+                dropped=prompt.dropped_messages,
+                stop=stop,
+            )
 
     def answer(
         self,
@@ -348,88 +325,96 @@ class ConversationService:
         settings: ConversationSettings,
         *,
         hooks: ReplyHooks | None = None,
+        cancel: threading.Event | None = None,
+        stop: Sequence[str] = (),
     ) -> ReplyOutcome:
         """A reply to `messages` that is not saved anywhere (`ask --no-save`, the server)."""
+        with self._turn_for(cancel) as turn:
+            prompt = self._fit(list(messages), settings)
+            return self._generate(
+                prompt.tokens,
+                settings.sampling,
+                turn,
+                hooks,
+                None,
+                dropped=prompt.dropped_messages,
+                stop=stop,
+            )
+
+    def complete(
+        self,
+        tokens: Sequence[int],
+        sampling: SamplingParams,
+        *,
+        hooks: ReplyHooks | None = None,
+        cancel: threading.Event | None = None,
+        stop: Sequence[str] = (),
+        stop_ids: Sequence[int] = (),
+    ) -> ReplyOutcome:
+        """A raw completion of `tokens` (no template: the caller rendered them), as
+        `/v1/completions` and another starling-local's remote engine ask for."""
+        engine = self._require_engine()
+        if not tokens:
+            raise UsageError("the prompt is empty")
+        if len(tokens) >= engine.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt is {len(tokens)} tokens and the context window is {engine.n_ctx}"
+            )
+        bad = [t for t in tokens if not 0 <= t < engine.vocab_size]
+        if bad:
+            raise UsageError(f"token id {bad[0]} is not in the vocabulary")
+        with self._turn_for(cancel) as turn:
+            return self._generate(
+                list(tokens), sampling, turn, hooks, None, stop=stop, stop_ids=stop_ids, raw=True
+            )
+
+    @contextlib.contextmanager
+    def _turn_for(self, cancel: threading.Event | None) -> Iterator[_Turn]:
+        """The engine to this reply (waiting for the one before), with its cancel event."""
         with self._replying:
-            turn = self._begin()
+            with self._lock:
+                if self._closed:
+                    raise ServiceClosedError("the conversation service is closed")
+                turn = self._turn = _Turn(cancel or threading.Event())
             try:
-                return self._generate(list(messages), settings, turn, hooks or ReplyHooks(), None)
+                yield turn
             finally:
-                self._end()
-
-    def _begin(self) -> _Turn:
-        with self._lock:
-            if self._closed:
-                raise ServiceClosedError("the conversation service is closed")
-            self._turn = _Turn()
-            return self._turn
-
-    def _end(self) -> None:
-        with self._lock:
-            self._turn = None
+                with self._lock:
+                    self._turn = None
 
     def _generate(
         self,
-        messages: list[Message],
-        settings: ConversationSettings,
+        prompt: list[int],
+        sampling: SamplingParams,
         turn: _Turn,
-        hooks: ReplyHooks,
+        hooks: ReplyHooks | None,
         conversation_id: int | None,
+        *,
+        dropped: int = 0,
+        stop: Sequence[str] = (),
+        stop_ids: Sequence[int] = (),
+        raw: bool = False,
     ) -> ReplyOutcome:
         engine = self._require_engine()
-        prompt = self._fit(messages, settings)
+        self._sequences.prepare(engine, prompt)
         if conversation_id is not None and self._kv is not None:
-            self._kv.restore(conversation_id, prompt.tokens)
-        stream = engine.generate(prompt.tokens, settings.sampling, turn.cancel)
-        recorder = (
-            ReplyRecorder(self.store, conversation_id) if conversation_id is not None else None
+            self._kv.restore(conversation_id, prompt)
+        recorder = ReplyRecorder(self.store, conversation_id) if conversation_id else None
+        outcome = run_reply(
+            engine,
+            prompt,
+            sampling,
+            cancel=turn.cancel,
+            hooks=hooks or ReplyHooks(),
+            recorder=recorder,
+            conversation_id=conversation_id,
+            dropped_messages=dropped,
+            stop=stop,
+            stop_ids=stop_ids,
+            raw=raw,
         )
-        message_id = recorder.message_id if recorder else None
-        hooks.on_start(
-            ReplyStart(
-                conversation_id,
-                message_id,
-                len(prompt.tokens),
-                prompt.dropped_messages,
-                engine.n_ctx,
-            )
-        )
-        error = self._stream(stream, recorder, hooks)
         if conversation_id is not None and self._kv is not None:
             # Before the reply is reported done: the next reply (maybe of another conversation)
             # must not take the engine first and leave this file holding its cache.
             self._kv.save(conversation_id)
-        return ReplyOutcome(
-            conversation_id,
-            message_id,
-            stream.text,
-            list(stream.token_ids),
-            stream.stats,
-            prompt.dropped_messages,
-            engine.n_ctx,
-            error,
-        )
-
-    @staticmethod
-    def _stream(
-        stream: EngineStream, recorder: ReplyRecorder | None, hooks: ReplyHooks
-    ) -> str | None:
-        """Run the stream to its end, recording it; the error that ended it early, if any."""
-        error: str | None = None
-        try:
-            for chunk in stream:
-                if recorder is not None:
-                    recorder.feed(chunk)
-                hooks.on_text(chunk, stream.stats)
-        except StarlingError as exc:
-            error = str(exc)
-            stream.stats.stop_reason = "cancelled"
-        except BaseException:
-            # The front end failed (a closed pipe, Ctrl-C): keep what was generated, stopped.
-            stream.stats.stop_reason = "cancelled"
-            if recorder is not None:
-                recorder.finish(stream)
-            raise
-        if recorder is not None:
-            recorder.finish(stream, error)
-        return error
+        return outcome

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import llama_cpp
+import llama_cpp._internals
 import llama_cpp.llama_cpp as low
 
 from starling_local.errors import StarlingError
@@ -51,6 +52,8 @@ def missing_parts(llama_class: Any = None, module: Any = None) -> list[str]:
     missing = [f"Llama.{a}" for a in _LLAMA_INIT_ATTRIBUTES if a not in init_names]
     missing += [f"Llama.{a}" for a in _LLAMA_GENERATE_ATTRIBUTES if a not in generate_names]
     missing += [name for name in _LOW_LEVEL if not hasattr(module, name)]
+    if not hasattr(llama_cpp._internals.LlamaContext, "kv_cache_seq_rm"):
+        missing.append("LlamaContext.kv_cache_seq_rm")
     return missing
 
 
@@ -106,6 +109,13 @@ def clear_cache(llm: Any) -> None:
     """Empty the KV cache."""
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(context_pointer(llm)), True)
     llm.n_tokens = 0
+
+
+def truncate_cache(llm: Any, n: int) -> None:
+    """Keep only the first `n` cached tokens."""
+    if n < llm.n_tokens:
+        llm._ctx.kv_cache_seq_rm(-1, n, -1)
+        llm.n_tokens = n
 
 
 def warm_up(llm: Any) -> None:

@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,11 +28,28 @@ from starling_local.llamacpp.system import (
 from starling_local.paths import get_paths
 from starling_local.vocab import END_OF_TURN_ID, EOS_ID
 
-StopReason = Literal["end_of_turn", "length", "cancelled"]
+StopReason = Literal["end_of_turn", "stop", "length", "cancelled"]
+"""`end_of_turn`: the model ended its turn (id 32000 or the file's eos); `stop`: a stop token id
+or stop string the caller asked for; `length`: the token budget or the window ran out."""
+
+#: Prompt tokens evaluated per `llama_decode` call, with a cancel check between calls.
+PREFILL_CHUNK = 256
 
 #: llama.cpp's "pick a random seed" value.
 RANDOM_SEED = 0xFFFFFFFF
 DEFAULT_CTX = 8192
+
+
+@dataclass(frozen=True)
+class KVSnapshot:
+    """An engine's KV cache copied into memory (made and read by the same engine only)."""
+
+    tokens: tuple[int, ...]
+    payload: bytearray
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.payload)
 
 
 class EngineError(StarlingError):
@@ -122,12 +139,13 @@ class EngineStream:
 
 class ReplyDecoder:
     """Token ids -> reply text: only whole UTF-8 characters (a character may span several byte
-    tokens), without the leading space the template's `Assistant:` leaves to the model."""
+    tokens), without the leading space the template's `Assistant:` leaves to the model (unless
+    `strip` is False: raw completions keep it)."""
 
-    def __init__(self, piece: Callable[[int], bytes]) -> None:
+    def __init__(self, piece: Callable[[int], bytes], strip: bool = True) -> None:
         self._piece = piece
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._started = False
+        self._started = not strip
 
     def push(self, token: int) -> str:
         text: str = self._utf8.decode(self._piece(token))
@@ -247,9 +265,26 @@ class Engine:
         with self._model:
             return bytes(self._open_llm().detokenize([token]))
 
-    def reply_decoder(self) -> ReplyDecoder:
+    def reply_decoder(self, strip: bool = True) -> ReplyDecoder:
         """A decoder of this model's reply tokens."""
-        return ReplyDecoder(self.token_bytes)
+        return ReplyDecoder(self.token_bytes, strip)
+
+    def tokenize(self, text: str, *, bos: bool = False, special: bool = False) -> list[int]:
+        """Tokenize `text`; `special` parses control-token texts such as `<|end_of_turn|>`."""
+        with self._model:
+            llm = self._open_llm()
+            return list(llm.tokenize(text.encode("utf-8"), add_bos=bos, special=special))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """The text of `tokens` (control tokens written as their text)."""
+        with self._model:
+            data = self._open_llm().detokenize(list(tokens), special=True)
+        return bytes(data).decode("utf-8", errors="replace")
+
+    @property
+    def vocab_size(self) -> int:
+        with self._model:
+            return int(self._open_llm().n_vocab())
 
     def cached_prefix(self, tokens: Sequence[int]) -> int:
         """How many leading `tokens` are already in the KV cache."""
@@ -271,9 +306,13 @@ class Engine:
         tokens: Sequence[int],
         params: SamplingParams | None = None,
         cancel: threading.Event | None = None,
+        *,
+        stop_ids: Iterable[int] = (),
+        reply: bool = True,
     ) -> EngineStream:
         """Stream a reply to the prompt `tokens` (which start with BOS). The generation starts
-        (and waits for any other one to end) when the stream is first iterated."""
+        (and waits for any other one to end) when the stream is first iterated. `stop_ids` end
+        it too (stop reason `stop`); `reply=False` keeps a leading space (raw completions)."""
         params = params or SamplingParams()
         if self._closing:
             raise EngineClosedError("the model has been unloaded")
@@ -283,7 +322,9 @@ class Engine:
             )
         stats = GenerationStats(prompt_tokens=len(tokens), prompt_evaluated=len(tokens))
         stream = EngineStream(iter(()), stats)
-        stream._chunks = self._run(list(tokens), params, cancel or threading.Event(), stream)
+        stream._chunks = self._run(
+            list(tokens), params, cancel or threading.Event(), stream, frozenset(stop_ids), reply
+        )
         return stream
 
     def _run(
@@ -292,6 +333,8 @@ class Engine:
         params: SamplingParams,
         cancel: threading.Event,
         stream: EngineStream,
+        stop_ids: frozenset[int],
+        reply: bool,
     ) -> Iterator[str]:
         stats = stream.stats
         with self._context:
@@ -301,7 +344,7 @@ class Engine:
             with self._state:
                 self._active = (cancel, stream._chunks)
             try:
-                yield from self._decode(llm, tokens, params, cancel, stream)
+                yield from self._decode(llm, tokens, params, cancel, stream, stop_ids, reply)
             except GeneratorExit:  # closed from outside (see `close`)
                 stats.stop_reason = "cancelled"
                 raise
@@ -316,19 +359,24 @@ class Engine:
         params: SamplingParams,
         cancel: threading.Event,
         stream: EngineStream,
+        extra_stop_ids: frozenset[int],
+        reply: bool,
     ) -> Iterator[str]:
         stats = stream.stats
         cached = self._cached_prefix(tokens)
         # llama-cpp-python re-evaluates the last token when the whole prompt is cached.
         stats.prompt_evaluated = len(tokens) - min(cached, len(tokens) - 1)
         budget = min(params.max_tokens, self.n_ctx - len(tokens))
-        decoder = self.reply_decoder()
-        stop_ids = frozenset() if params.ignore_eos else self._stop_ids
+        decoder = self.reply_decoder(strip=reply)
+        end_ids = frozenset() if params.ignore_eos else self._stop_ids
         llm.set_seed(RANDOM_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
         t0 = time.perf_counter()
         t_first = t0
         stats.stop_reason = "length"
         if budget <= 0:
+            return
+        if not self._prefill(llm, tokens, cached, cancel):
+            stats.stop_reason = "cancelled"
             return
         generator = llm.generate(
             tokens,
@@ -347,8 +395,11 @@ class Engine:
                 if cancel.is_set():
                     stats.stop_reason = "cancelled"
                     break
-                if token in stop_ids:
+                if token in end_ids:
                     stats.stop_reason = "end_of_turn"
+                    break
+                if token in extra_stop_ids:
+                    stats.stop_reason = "stop"
                     break
                 stats.completion_tokens += 1
                 stats.decode_s = now - t_first
@@ -363,6 +414,44 @@ class Engine:
         tail = decoder.flush()
         if tail:
             yield tail
+
+    def _prefill(self, llm: Any, tokens: list[int], cached: int, cancel: threading.Event) -> bool:
+        """Evaluate a long uncached prompt a chunk at a time, checking `cancel` between chunks
+        (a client that went away stops a long prompt evaluation too); False if cancelled. The
+        last token is left to the sampling loop, which needs its logits."""
+        if len(tokens) - 1 - cached <= PREFILL_CHUNK:
+            return not cancel.is_set()
+        self._adapter.truncate_cache(llm, cached)
+        for start in range(cached, len(tokens) - 1, PREFILL_CHUNK):
+            if cancel.is_set():
+                return False
+            llm.eval(tokens[start : min(start + PREFILL_CHUNK, len(tokens) - 1)])
+        return not cancel.is_set()
+
+    # --- KV state in memory --------------------------------------------------------------------
+
+    def snapshot(self) -> KVSnapshot | None:
+        """A copy of the KV cache and its tokens (None when empty), to `restore` later."""
+        with self._context:
+            tokens, buffer, size = self._adapter.state_of(self._open_llm())
+            if not tokens or size <= 0:
+                return None
+            return KVSnapshot(tuple(tokens), bytearray(memoryview(buffer).cast("B")[:size]))
+
+    def restore(self, snapshot: KVSnapshot) -> int:
+        """Make `snapshot` the KV cache; the tokens now cached (0 if llama.cpp refused it)."""
+        with self._context:
+            llm = self._open_llm()
+            if len(snapshot.tokens) >= self.n_ctx:
+                return 0
+            ok = self._adapter.restore_state(llm, snapshot.tokens, bytearray(snapshot.payload))
+            return len(snapshot.tokens) if ok else 0
+
+    @property
+    def cached_tokens(self) -> int:
+        """How many tokens the KV cache holds."""
+        with self._context:
+            return len(self._adapter.cached_tokens(self._open_llm()))
 
     def clear_cache(self) -> None:
         """Forget the KV cache (the next prompt is evaluated from its first token)."""

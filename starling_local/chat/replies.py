@@ -1,0 +1,116 @@
+"""One reply run on the engine: the stream, stop strings, and the record of it in the store.
+
+The conversation service prepares the prompt and the KV cache and calls `run_reply`; this
+module knows nothing of conversations beyond the id it is told to record under.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from starling_local.chat.conversation import ReplyRecorder
+from starling_local.chat.stops import StopMatcher
+from starling_local.engine.runtime import Engine, GenerationStats, SamplingParams
+from starling_local.errors import StarlingError
+
+
+@dataclass(frozen=True)
+class ReplyStart:
+    """Told to the front end when generation begins."""
+
+    conversation_id: int | None
+    message_id: int | None
+    prompt_tokens: int
+    dropped_messages: int
+    """The oldest messages left out of the prompt to fit the context (never deleted)."""
+    n_ctx: int
+
+
+@dataclass
+class ReplyOutcome:
+    """A finished (or stopped) reply."""
+
+    conversation_id: int | None
+    message_id: int | None
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats
+    dropped_messages: int
+    n_ctx: int
+    error: str | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens that came from the KV cache instead of being evaluated."""
+        return self.stats.prompt_tokens - self.stats.prompt_evaluated
+
+
+@dataclass
+class ReplyHooks:
+    """What a front end is told while a reply runs (called in the replying thread)."""
+
+    on_start: Callable[[ReplyStart], object] = lambda start: None
+    on_text: Callable[[str, GenerationStats], object] = lambda text, stats: None
+
+
+def run_reply(
+    engine: Engine,
+    prompt: Sequence[int],
+    sampling: SamplingParams,
+    *,
+    cancel: threading.Event,
+    hooks: ReplyHooks,
+    recorder: ReplyRecorder | None = None,
+    conversation_id: int | None = None,
+    dropped_messages: int = 0,
+    stop: Sequence[str] = (),
+    stop_ids: Sequence[int] = (),
+    raw: bool = False,
+) -> ReplyOutcome:
+    """Generate from `prompt` to the end, telling `hooks` and `recorder` as it goes. A stop
+    string ends the reply (stop reason `stop`) and is never shown or kept."""
+    stream = engine.generate(prompt, sampling, cancel, stop_ids=stop_ids, reply=not raw)
+    matcher = StopMatcher(stop)
+    message_id = recorder.message_id if recorder else None
+    hooks.on_start(
+        ReplyStart(conversation_id, message_id, len(prompt), dropped_messages, engine.n_ctx)
+    )
+
+    def show(text: str) -> None:
+        if text:
+            if recorder is not None:
+                recorder.feed(text)
+            hooks.on_text(text, stream.stats)
+
+    error: str | None = None
+    try:
+        for chunk in stream:
+            show(matcher.feed(chunk))
+            if matcher.stopped:
+                cancel.set()  # the engine stops at its next token
+        show(matcher.flush())
+    except StarlingError as exc:
+        error = str(exc)
+        stream.stats.stop_reason = "cancelled"
+    except BaseException:
+        # The front end failed (a closed pipe, Ctrl-C): keep what was generated, stopped.
+        stream.stats.stop_reason = "cancelled"
+        if recorder is not None:
+            recorder.finish(stream, text=matcher.text)
+        raise
+    if matcher.stopped:
+        stream.stats.stop_reason = "stop"
+    if recorder is not None:
+        recorder.finish(stream, error, text=matcher.text, exact=not matcher.stopped)
+    return ReplyOutcome(
+        conversation_id,
+        message_id,
+        matcher.text,
+        list(stream.token_ids),
+        stream.stats,
+        dropped_messages,
+        engine.n_ctx,
+        error,
+    )

@@ -1,0 +1,81 @@
+"""Several conversations on one engine without re-evaluating each other's history.
+
+The engine has one KV cache. When a prompt does not continue what the cache holds (another
+client's conversation, another saved conversation), the cache would be overwritten. Before
+that, a copy goes into RAM (least recently used first out, under a byte cap); a later prompt
+that continues one of the copies gets it back, and only its new tokens are evaluated.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Sequence
+
+from starling_local.engine.runtime import Engine, KVSnapshot
+
+DEFAULT_CAP_BYTES = 2 << 30
+#: A cache that would lose fewer tokens than this is not worth copying.
+MIN_WORTH = 32
+
+
+def cap_bytes() -> int:
+    value = os.environ.get("STARLING_SEQUENCE_CACHE_MB")
+    return int(value) << 20 if value and value.isdigit() else DEFAULT_CAP_BYTES
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class SequenceCache:
+    """KV snapshots of recent sequences, kept for prompts that continue them."""
+
+    def __init__(self, cap: int | None = None) -> None:
+        self.cap = cap if cap is not None else cap_bytes()
+        self._entries: list[KVSnapshot] = []  # most recently used last
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def prepare(self, engine: Engine, prompt: Sequence[int]) -> int:
+        """Make the engine's cache hold as much of `prompt` as any kept sequence does: keep the
+        live cache first if `prompt` would overwrite a worthwhile part of it. Returns the tokens
+        of `prompt` now cached. Call it with the engine to yourself (one reply at a time)."""
+        live = engine.cached_prefix(prompt)
+        held = engine.cached_tokens
+        with self._lock:
+            best = max(self._entries, key=lambda e: common_prefix(e.tokens, prompt), default=None)
+            best_len = common_prefix(best.tokens, prompt) if best else 0
+        if held - live >= MIN_WORTH:
+            snapshot = engine.snapshot()
+            if snapshot is not None:
+                self.add(snapshot)
+        if best is None or best_len <= live + 1:
+            return live
+        restored = engine.restore(best)
+        with self._lock:
+            if best in self._entries:
+                self._entries.remove(best)  # it is the live cache now
+        return min(restored, best_len)
+
+    def add(self, snapshot: KVSnapshot) -> None:
+        with self._lock:
+            # A sequence this one continues is redundant.
+            self._entries = [
+                e for e in self._entries if common_prefix(e.tokens, snapshot.tokens) < len(e.tokens)
+            ]
+            self._entries.append(snapshot)
+            total = sum(e.nbytes for e in self._entries)
+            while total > self.cap and len(self._entries) > 1:
+                total -= self._entries.pop(0).nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()

@@ -34,8 +34,9 @@ LAYER_TABLE: dict[str, set[str]] = {
     "acquire": BASE,
     "chat": {"engine", "store", "acquire"} | BASE,
     "tui": {"chat", "engine", "store", "acquire"} | BASE,
+    "server": {"chat", "engine", "store", "acquire"} | BASE,
     "bench": {"tui", "chat", "engine", "store", "acquire"} | BASE,
-    "cli": {"tui", "bench", "chat", "engine", "store", "acquire", "__init__"} | BASE,
+    "cli": {"server", "tui", "bench", "chat", "engine", "store", "acquire", "__init__"} | BASE,
     "__main__": {"cli"},
 }
 TABLE = {**BASE_TABLE, **LAYER_TABLE}
@@ -93,6 +94,17 @@ def test_the_table_reads_downward() -> None:
     for unit, allowed in TABLE.items():
         above = set(order[order.index(unit) :])
         assert allowed & above == set(), f"{unit} may import {allowed & above} above it"
+
+
+def test_only_the_server_imports_the_web_stack() -> None:
+    web = ("starlette", "uvicorn")
+    offenders = [
+        str(p.relative_to(PACKAGE))
+        for p in PACKAGE.rglob("*.py")
+        if p.relative_to(PACKAGE).parts[0] not in ("server", "cli")
+        and any(n.split(".")[0] in web for n in imports_of(p))
+    ]
+    assert offenders == []
 
 
 def test_only_the_tui_imports_textual() -> None:

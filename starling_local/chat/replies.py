@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from starling_local.chat.conversation import ReplyRecorder
 from starling_local.chat.stops import StopMatcher
-from starling_local.engine.runtime import Engine, GenerationStats, SamplingParams
+from starling_local.engine.runtime import Engine, EngineStream, GenerationStats, SamplingParams
 from starling_local.errors import StarlingError
 
 
@@ -52,7 +52,7 @@ class ReplyHooks:
     """What a front end is told while a reply runs (called in the replying thread)."""
 
     on_start: Callable[[ReplyStart], object] = lambda start: None
-    on_text: Callable[[str, GenerationStats], object] = lambda text, stats: None
+    on_text: Callable[[str, EngineStream], object] = lambda text, stream: None
 
 
 def run_reply(
@@ -82,7 +82,7 @@ def run_reply(
         if text:
             if recorder is not None:
                 recorder.feed(text)
-            hooks.on_text(text, stream.stats)
+            hooks.on_text(text, stream)
 
     error: str | None = None
     try:

@@ -30,7 +30,7 @@ from starling_local.errors import StarlingError, UsageError
 
 __all__ = ["ConversationService", "ReplyHooks", "ReplyOutcome", "ReplyStart"]
 from starling_local.store.conversations import ConversationStore
-from starling_local.store.models import Conversation
+from starling_local.store.models import Conversation, StoredMessage
 
 
 class NoModelError(StarlingError):
@@ -340,6 +340,51 @@ class ConversationService:
                 dropped=prompt.dropped_messages,
                 stop=stop,
             )
+
+    def respond(
+        self,
+        messages: Sequence[Message],
+        settings: ConversationSettings,
+        *,
+        hooks: ReplyHooks | None = None,
+        cancel: threading.Event | None = None,
+        stop: Sequence[str] = (),
+        save: bool = False,
+    ) -> ReplyOutcome:
+        """A reply to a whole message list (the server's chat requests). With `save` it is kept:
+        it continues the saved conversation that holds exactly the messages before the last
+        one, or starts a new conversation with them."""
+        if not save:
+            return self.answer(messages, settings, hooks=hooks, cancel=cancel, stop=stop)
+        *history, last = messages
+        cid = self._continued(history)
+        if cid is None:
+            cid = self.store.insert(
+                Conversation(
+                    id=0,
+                    title="",
+                    mode=settings.mode.value,
+                    system=settings.system,
+                    model=self.model_name,
+                    params=stored_params(settings),
+                    created="",
+                    updated="",
+                    messages=[StoredMessage(0, 0, m.role, m.content, "") for m in history],
+                )
+            ).id
+        self.send(cid, last.content, settings)
+        return self.reply(cid, hooks=hooks, cancel=cancel, stop=stop)
+
+    def _continued(self, history: Sequence[Message], recent: int = 50) -> int | None:
+        """The recent conversation whose messages are exactly `history`."""
+        if not history:
+            return None
+        wanted = [(m.role, m.content.strip()) for m in history]
+        for conv in self.store.conversations(recent):
+            full = self.store.get(conv.id)
+            if [(m.role, m.content.strip()) for m in full.messages] == wanted:
+                return conv.id
+        return None
 
     def complete(
         self,

@@ -11,10 +11,10 @@ import sys
 from collections.abc import Sequence
 
 from starling_local import __version__
-from starling_local.cli import ask, bench, chat, history, models, tools
+from starling_local.cli import ask, bench, chat, history, models, serve, tools
 from starling_local.errors import StarlingError
 
-COMMAND_MODULES = (chat, ask, history, models, tools, bench)
+COMMAND_MODULES = (chat, ask, serve, history, models, tools, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

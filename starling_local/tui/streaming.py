@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from starling_local.engine.runtime import GenerationStats
+from starling_local.engine.runtime import EngineStream
 from starling_local.tui.messages import ReplyChunk
 
 #: The streaming reply is shown at most this often (seconds).
@@ -31,9 +31,9 @@ class ChunkBatcher:
         self._last = self._start
         self._tokens = 0
 
-    def feed(self, chunk: str, stats: GenerationStats) -> None:
+    def feed(self, chunk: str, stream: EngineStream) -> None:
         self._pending.append(chunk)
-        self._tokens = stats.completion_tokens
+        self._tokens = stream.stats.completion_tokens
         _head, brk, rest = chunk.rpartition("\n\n")
         self._tail = len(rest) if brk else self._tail + len(chunk)
         if time.perf_counter() - self._last >= ui_interval(self._tail):

@@ -1,0 +1,145 @@
+"""`starling serve`: the OpenAI-compatible API on this machine."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+from starling_local.chat.template import SystemPolicy
+from starling_local.cli.common import add_engine_options, add_model_option, positive_int
+
+
+def register(sub: Any) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="serve the model over an OpenAI-compatible API (/v1/chat/completions, ...)",
+    )
+    add_model_option(s)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
+    s.add_argument("--port", type=port, default=8000, help="port (default 8000; 0: any free one)")
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $STARLING_API_KEY, else none)",
+    )
+    s.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=8,
+        help="requests that may wait for the model; more get 429 (default 8)",
+    )
+    s.add_argument("--save", action="store_true", help="keep served conversations in history")
+    s.add_argument(
+        "--system-policy",
+        choices=[p.value for p in SystemPolicy],
+        default=SystemPolicy.NATIVE.value,
+        help="where system messages go (default native: '<s>{system}<|end_of_turn|>')",
+    )
+    add_engine_options(s)
+    s.set_defaults(handler=run_serve)
+
+
+def port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text}")
+    return value
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def served_name(display: str, path: Path) -> str:
+    """What clients call the model: the library name without its quant, else the file stem."""
+    if display != str(path):
+        return display.split(":", 1)[0]
+    return path.stem
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from starling_local.acquire.library import display_name, resolve_model
+    from starling_local.chat.service import ConversationService
+    from starling_local.chat.settings import ConversationSettings
+    from starling_local.engine.runtime import Engine
+    from starling_local.errors import StarlingError
+    from starling_local.server.app import ServerConfig, StarlingServer, make_app
+    from starling_local.store.conversations import ConversationStore
+
+    key = args.api_key or os.environ.get("STARLING_API_KEY") or None
+    if not is_loopback(args.host) and key is None:
+        print(
+            f"starling: warning: serving on {args.host} without an API key: anyone who can reach "
+            "this port can use the model (set --api-key or STARLING_API_KEY)",
+            file=sys.stderr,
+        )
+    model = resolve_model(args.model)  # an unknown model fails here, before the port is bound
+    display = display_name(model)
+    service = ConversationService(ConversationStore() if args.save else None)
+    config = ServerConfig(
+        model_id=served_name(display, model),
+        api_key=key,
+        max_queue=args.max_queue,
+        save=args.save,
+        settings=ConversationSettings(policy=SystemPolicy(args.system_policy)),
+    )
+    server = StarlingServer(service, config)
+    uv = uvicorn.Server(
+        uvicorn.Config(
+            make_app(server), host=args.host, port=args.port, log_level="warning", access_log=False
+        )
+    )
+    failed: list[StarlingError] = []
+
+    def load() -> None:
+        try:
+            engine = Engine(
+                model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers
+            )
+        except StarlingError as exc:
+            server.load_error = str(exc)
+            failed.append(exc)
+            uv.should_exit = True
+            return
+        if service.attach_engine(engine, display):
+            server.ready.set()
+            port = _bound_port(uv) or args.port
+            print(
+                f"starling: serving {config.model_id} ({engine.backend}, {engine.n_ctx}-token "
+                f"context) at http://{args.host}:{port}/v1",
+                file=sys.stderr,
+                flush=True,
+            )
+        else:
+            engine.close()
+
+    threading.Thread(target=load, name="load-model", daemon=True).start()
+    try:
+        uv.run()
+    finally:
+        service.close()
+    if failed:
+        raise failed[0]
+    return 0
+
+
+def _bound_port(uv: Any) -> int | None:
+    for server in getattr(uv, "servers", []) or []:
+        for sock in server.sockets:
+            return int(sock.getsockname()[1])
+    return None

@@ -1,0 +1,1 @@
+"""`starling serve`: the OpenAI-compatible HTTP front end."""

@@ -308,3 +308,17 @@ def make_gguf(
     return write_gguf(
         out, hp, vocab, planned, OutType.F16, progress, name=f"synthetic-{shape.hidden}"
     )
+
+
+def make_vocab_gguf(out: Path) -> Path:
+    """Write Starling's vocabulary alone as a GGUF (7B hyperparameters, no tensors): enough for
+    llama.cpp to tokenize exactly as Starling does, with no model downloaded (remote engines,
+    `starling render --tokens`). Needs the tokenizer from the `mistral-common` wheel."""
+    from starling_local.acquire.convert import Hyperparams, OutType, load_vocabulary, write_gguf
+
+    shape = SHAPES["7b"]
+    hp = Hyperparams.from_config(hf_config(shape))
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer_files(Path(tmp))
+        vocab = load_vocabulary(Path(tmp), shape.vocab)
+    return write_gguf(out, hp, vocab, [], OutType.F16, None, name="starling-vocab")

@@ -13,7 +13,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from starling_local.engine.runtime import Engine
+from starling_local.engine.interface import EngineLike
 from starling_local.paths import get_paths
 
 DEFAULT_CAP_BYTES = 4 << 30
@@ -31,7 +31,9 @@ def cap_bytes() -> int:
 class ConversationCache:
     """Save and restore one engine's KV cache per conversation."""
 
-    def __init__(self, engine: Engine, root: Path | None = None, cap: int | None = None) -> None:
+    def __init__(
+        self, engine: EngineLike, root: Path | None = None, cap: int | None = None
+    ) -> None:
         self.engine = engine
         self.root = root or cache_root()
         self.cap = cap if cap is not None else cap_bytes()

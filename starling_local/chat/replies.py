@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from starling_local.chat.conversation import ReplyRecorder
 from starling_local.chat.stops import StopMatcher
-from starling_local.engine.runtime import Engine, EngineStream, GenerationStats, SamplingParams
+from starling_local.engine.interface import EngineLike
+from starling_local.engine.runtime import EngineStream, GenerationStats, SamplingParams
 from starling_local.errors import StarlingError
 
 
@@ -56,7 +57,7 @@ class ReplyHooks:
 
 
 def run_reply(
-    engine: Engine,
+    engine: EngineLike,
     prompt: Sequence[int],
     sampling: SamplingParams,
     *,

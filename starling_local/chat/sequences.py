@@ -12,7 +12,8 @@ import os
 import threading
 from collections.abc import Sequence
 
-from starling_local.engine.runtime import Engine, KVSnapshot
+from starling_local.engine.interface import EngineLike
+from starling_local.engine.runtime import KVSnapshot
 
 DEFAULT_CAP_BYTES = 2 << 30
 #: A cache that would lose fewer tokens than this is not worth copying.
@@ -44,7 +45,7 @@ class SequenceCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def prepare(self, engine: Engine, prompt: Sequence[int]) -> int:
+    def prepare(self, engine: EngineLike, prompt: Sequence[int]) -> int:
         """Make the engine's cache hold as much of `prompt` as any kept sequence does: keep the
         live cache first if `prompt` would overwrite a worthwhile part of it. Returns the tokens
         of `prompt` now cached. Call it with the engine to yourself (one reply at a time)."""

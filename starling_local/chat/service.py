@@ -25,7 +25,8 @@ from starling_local.chat.session import build_prompt
 from starling_local.chat.settings import ConversationSettings, settings_of, stored_params
 from starling_local.chat.template import Message, render_segments, segments_to_text
 from starling_local.chat.transcripts import from_json, to_json, to_markdown
-from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.interface import EngineLike
+from starling_local.engine.runtime import SamplingParams
 from starling_local.errors import StarlingError, UsageError
 
 __all__ = ["ConversationService", "ReplyHooks", "ReplyOutcome", "ReplyStart"]
@@ -62,7 +63,7 @@ class ConversationService:
     def __init__(
         self,
         store: ConversationStore | None,
-        engine: Engine | None = None,
+        engine: EngineLike | None = None,
         *,
         model_name: str = "",
         owns_store: bool = True,
@@ -71,7 +72,7 @@ class ConversationService:
         self._store = store
         self._owns_store = owns_store
         self._kv_root = kv_root
-        self._engine: Engine | None = None
+        self._engine: EngineLike | None = None
         self._kv: ConversationCache | None = None
         self.model_name = model_name
         self._lock = threading.Lock()  # the service's own fields
@@ -85,7 +86,7 @@ class ConversationService:
     # --- ownership ----------------------------------------------------------------------------
 
     @property
-    def engine(self) -> Engine | None:
+    def engine(self) -> EngineLike | None:
         return self._engine
 
     @property
@@ -94,7 +95,7 @@ class ConversationService:
             raise UsageError("this session does not save conversations")
         return self._store
 
-    def attach_engine(self, engine: Engine, model_name: str = "") -> bool:
+    def attach_engine(self, engine: EngineLike, model_name: str = "") -> bool:
         """Take ownership of a loaded engine; False (the caller closes it) if already closed."""
         with self._lock:
             if self._closed:
@@ -219,7 +220,7 @@ class ConversationService:
 
     # --- prompts ------------------------------------------------------------------------------
 
-    def _require_engine(self) -> Engine:
+    def _require_engine(self) -> EngineLike:
         engine = self._engine
         if engine is None:
             raise NoModelError("no model is loaded")

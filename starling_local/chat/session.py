@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from starling_local.chat.context import FittedPrompt, fit_prompt
 from starling_local.chat.template import DEFAULT_STYLE, Message, PromptStyle
-from starling_local.engine.runtime import Engine, EngineStream, SamplingParams
+from starling_local.engine.interface import EngineLike
+from starling_local.engine.runtime import EngineStream, SamplingParams
 from starling_local.errors import UsageError
 
 
@@ -25,7 +26,7 @@ class Reply:
 
 
 def build_prompt(
-    engine: Engine,
+    engine: EngineLike,
     messages: Sequence[Message],
     *,
     system: str = "",
@@ -48,7 +49,7 @@ def build_prompt(
 
 
 def start_reply(
-    engine: Engine,
+    engine: EngineLike,
     messages: Sequence[Message],
     *,
     system: str = "",

@@ -14,6 +14,8 @@ from starling_local.chat.template import Message, Mode, SystemPolicy
 from starling_local.cli.common import (
     add_engine_options,
     add_model_option,
+    add_remote_options,
+    engine_spec,
     positive_int,
     read_stdin_text,
 )
@@ -48,6 +50,7 @@ def register(sub: Any) -> None:
     )
     saved.add_argument("--no-save", action="store_true", help="do not save this exchange")
     add_engine_options(p)
+    add_remote_options(p, ("--api-key", "--remote-api-key"))
     p.set_defaults(handler=run_ask)
 
     r = sub.add_parser(
@@ -56,7 +59,7 @@ def register(sub: Any) -> None:
         description='Reads [{"role": "user", "content": "..."}, ...] on standard input.',
     )
     _add_style_options(r)
-    r.add_argument("--tokens", action="store_true", help="print token ids (needs --model)")
+    r.add_argument("--tokens", action="store_true", help="print token ids")
     add_model_option(r)
     r.set_defaults(handler=run_render)
 
@@ -92,10 +95,9 @@ def _settings(args: argparse.Namespace, base: ConversationSettings) -> Conversat
 
 
 def run_ask(args: argparse.Namespace) -> int:
-    from starling_local.acquire.library import display_name, resolve_model
+    from starling_local.chat.engines import open_engine
     from starling_local.chat.service import ConversationService, ReplyHooks
     from starling_local.chat.settings import settings_of
-    from starling_local.engine.runtime import Engine
     from starling_local.store.conversations import ConversationStore
 
     text = args.prompt if args.prompt not in (None, "-") else read_stdin_text("prompt")
@@ -114,13 +116,15 @@ def run_ask(args: argparse.Namespace) -> int:
         args, settings_of(conversation) if conversation else ConversationSettings()
     )
     try:
-        model = resolve_model(args.model or (conversation.model if conversation else None))
-        engine = Engine(model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers)
+        saved_model = (
+            conversation.model if conversation and " @ " not in conversation.model else None
+        )
+        engine, name = open_engine(engine_spec(args, args.model or saved_model))
     except BaseException:
         if store is not None:
             store.close()
         raise
-    service = ConversationService(store, engine, model_name=display_name(model))
+    service = ConversationService(store, engine, model_name=name)
 
     def started(start: ReplyStart) -> None:
         if start.dropped_messages:
@@ -154,7 +158,7 @@ def run_ask(args: argparse.Namespace) -> int:
             "reply": outcome.text,
             **stats.as_dict(),
             "dropped_messages": outcome.dropped_messages,
-            "model": str(model),
+            "model": name,
             "conversation_id": outcome.conversation_id,
         }
         print(json.dumps(out, ensure_ascii=False))
@@ -199,8 +203,12 @@ def run_render(args: argparse.Namespace) -> int:
         return 0
     from starling_local.acquire.library import resolve_model
     from starling_local.engine.runtime import Engine
+    from starling_local.vocab import packaged_vocabulary
 
-    engine = Engine(resolve_model(args.model), vocab_only=True)
+    # Starling's vocabulary ships with starling-local: no model file is needed to tokenize.
+    engine = Engine(
+        resolve_model(args.model) if args.model else packaged_vocabulary(), vocab_only=True
+    )
     try:
         tokens = render_tokens(messages, engine.tokenize_text, settings.system, settings.style)
     finally:

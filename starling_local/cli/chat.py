@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from starling_local.cli.common import add_model_option
+from starling_local.cli.common import add_model_option, add_remote_options, engine_spec
 
 
 def register(sub: Any) -> None:
@@ -13,15 +13,12 @@ def register(sub: Any) -> None:
     add_model_option(c)
     c.add_argument("--conversation", type=int, metavar="ID", help="open saved conversation ID")
     c.add_argument("--ctx", type=int, default=None, help="context window in tokens (default 8192)")
+    add_remote_options(c, ("--api-key", "--remote-api-key"))
     c.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from starling_local.tui.app import run_app
 
-    run_app(
-        model=getattr(args, "model", None),
-        conversation_id=getattr(args, "conversation", None),
-        n_ctx=getattr(args, "ctx", None),
-    )
+    run_app(engine_spec(args), conversation_id=getattr(args, "conversation", None))
     return 0

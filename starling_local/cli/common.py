@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from starling_local.errors import UsageError
 
@@ -31,6 +32,42 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="layers to offload to the GPU (default: all when the build supports it)",
     )
+
+
+def add_remote_options(parser: argparse.ArgumentParser, key_flags: tuple[str, ...]) -> None:
+    group = parser.add_argument_group(
+        "remote engine", "generate on another machine; history and template stay here"
+    )
+    group.add_argument(
+        "--remote",
+        metavar="URL",
+        default=None,
+        help="vLLM, llama-server or starling serve URL (default: $STARLING_REMOTE)",
+    )
+    group.add_argument("--remote-kind", choices=["auto", "openai", "llama-server"], default="auto")
+    group.add_argument("--remote-model", metavar="NAME", help="the remote model (default: first)")
+    group.add_argument(
+        *key_flags,
+        dest="remote_api_key",
+        metavar="KEY",
+        help="the remote engine's API key (default: $STARLING_REMOTE_API_KEY)",
+    )
+
+
+def engine_spec(args: argparse.Namespace, model: str | None = None) -> Any:
+    """The engine the command line asks for (see `chat.engines.EngineSpec`)."""
+    from starling_local.chat.engines import EngineSpec
+
+    return EngineSpec(
+        model=model if model is not None else getattr(args, "model", None),
+        n_ctx=getattr(args, "ctx", None),
+        n_threads=getattr(args, "threads", None),
+        n_gpu_layers=getattr(args, "gpu_layers", None),
+        remote=getattr(args, "remote", None),
+        remote_kind=getattr(args, "remote_kind", "auto"),
+        remote_model=getattr(args, "remote_model", None),
+        remote_api_key=getattr(args, "remote_api_key", None),
+    ).with_env()
 
 
 def positive_int(text: str) -> int:

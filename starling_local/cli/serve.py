@@ -7,11 +7,18 @@ import ipaddress
 import os
 import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from starling_local.chat.template import SystemPolicy
-from starling_local.cli.common import add_engine_options, add_model_option, positive_int
+from starling_local.cli.common import (
+    add_engine_options,
+    add_model_option,
+    add_remote_options,
+    engine_spec,
+    positive_int,
+)
 
 
 def register(sub: Any) -> None:
@@ -41,6 +48,7 @@ def register(sub: Any) -> None:
         help="where system messages go (default native: '<s>{system}<|end_of_turn|>')",
     )
     add_engine_options(s)
+    add_remote_options(s, ("--remote-api-key",))
     s.set_defaults(handler=run_serve)
 
 
@@ -74,9 +82,9 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from starling_local.acquire.library import display_name, resolve_model
+    from starling_local.chat.engines import open_engine
     from starling_local.chat.service import ConversationService
     from starling_local.chat.settings import ConversationSettings
-    from starling_local.engine.runtime import Engine
     from starling_local.errors import StarlingError
     from starling_local.server.app import ServerConfig, StarlingServer, make_app
     from starling_local.store.conversations import ConversationStore
@@ -88,8 +96,12 @@ def run_serve(args: argparse.Namespace) -> int:
             "this port can use the model (set --api-key or STARLING_API_KEY)",
             file=sys.stderr,
         )
-    model = resolve_model(args.model)  # an unknown model fails here, before the port is bound
-    display = display_name(model)
+    spec = engine_spec(args)
+    if spec.remote:
+        model, display = Path(spec.remote), spec.remote_model or "starling"
+    else:
+        model = resolve_model(args.model)  # an unknown model fails before the port is bound
+        display = display_name(model)
     service = ConversationService(ConversationStore() if args.save else None)
     config = ServerConfig(
         model_id=served_name(display, model),
@@ -108,15 +120,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     def load() -> None:
         try:
-            engine = Engine(
-                model, n_ctx=args.ctx, n_threads=args.threads, n_gpu_layers=args.gpu_layers
-            )
+            engine, name = open_engine(replace(spec, model=str(model)))
         except StarlingError as exc:
             server.load_error = str(exc)
             failed.append(exc)
             uv.should_exit = True
             return
-        if service.attach_engine(engine, display):
+        if service.attach_engine(engine, name):
             server.ready.set()
             port = _bound_port(uv) or args.port
             print(

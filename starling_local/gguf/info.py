@@ -174,7 +174,7 @@ def read_gguf(path: str | Path) -> GGUFInfo:
         raise GGUFError(f"{path}: tensor {unknown[0]} has a type this version cannot read")
     end = max(
         (header.data_offset + t.offset + t.n_bytes for t in header.tensors),
-        default=header.data_offset,
+        default=0,  # a vocabulary-only file has no tensor data (nor the padding before it)
     )
     if end > size:
         raise GGUFError(

@@ -10,6 +10,7 @@ from typing import Any
 from textual.app import App, SystemCommand
 from textual.screen import Screen
 
+from starling_local.chat.engines import EngineSpec
 from starling_local.chat.service import ConversationService
 from starling_local.store.conversations import ConversationStore
 from starling_local.tui.screens.chat import ChatScreen
@@ -46,11 +47,11 @@ class StarlingApp(App[None]):
         conversation_id: int | None = None,
         store: ConversationStore | None = None,
         n_ctx: int | None = None,
+        engine: EngineSpec | None = None,
     ) -> None:
         super().__init__()
-        self.model_spec = model
+        self.engine_spec = engine or EngineSpec(model=model, n_ctx=n_ctx)
         self.conversation_id = conversation_id
-        self.n_ctx = n_ctx
         self.service = ConversationService(store or ConversationStore(), owns_store=store is None)
 
     def on_load(self) -> None:
@@ -62,12 +63,10 @@ class StarlingApp(App[None]):
     def load_engine(self, on_progress: Callable[[float], None]) -> tuple[str, str, int]:
         """Load the model (in a worker thread) and hand it to the service; (name, backend,
         context size). An engine loaded after the app began to quit is closed at once."""
-        from starling_local.acquire.library import display_name, resolve_model
-        from starling_local.engine.runtime import Engine, EngineClosedError
+        from starling_local.chat.engines import open_engine
+        from starling_local.engine.runtime import EngineClosedError
 
-        path = resolve_model(self.model_spec)
-        engine = Engine(path, n_ctx=self.n_ctx, on_progress=on_progress)
-        name = display_name(engine.path)
+        engine, name = open_engine(self.engine_spec, on_progress)
         if not self.service.attach_engine(engine, name):
             engine.close()
             raise EngineClosedError("the app is quitting")
@@ -87,7 +86,5 @@ class StarlingApp(App[None]):
         self.service.close()
 
 
-def run_app(
-    model: str | None = None, conversation_id: int | None = None, n_ctx: int | None = None
-) -> None:
-    StarlingApp(model=model, conversation_id=conversation_id, n_ctx=n_ctx).run()
+def run_app(engine: EngineSpec, conversation_id: int | None = None) -> None:
+    StarlingApp(engine=engine, conversation_id=conversation_id).run()

@@ -1,0 +1,337 @@
+"""A remote engine: generation on another machine, from token ids rendered here.
+
+For users who outgrow one machine: vLLM (multi-GPU, multi-node), llama.cpp's llama-server, or
+another `starling serve`. The conversation, history, template and KV bookkeeping stay local;
+the server gets the exact token ids of the prompt, so whatever chat template it has is never
+used. Tokenizing needs no model file: Starling's vocabulary ships with the package.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import httpx2 as httpx
+
+from starling_local.engine.runtime import (
+    Engine,
+    EngineError,
+    EngineStream,
+    GenerationStats,
+    KVSnapshot,
+    ReplyDecoder,
+    SamplingParams,
+)
+from starling_local.vocab import BOS_ID, END_OF_TURN_ID, packaged_vocabulary
+
+RemoteKind = Literal["openai", "llama-server"]
+#: Tokenized by the server and here: a vocabulary check (another model's tokenizer differs).
+PROBE = "Starling naïve café 12345 \t\n GPT4 Correct User: 東京 Code Assistant:"
+TIMEOUT = httpx.Timeout(30.0, read=600.0)
+
+
+class RemoteError(EngineError):
+    """The remote engine cannot be used (the message says why, in one line)."""
+
+
+class RemoteEngine:
+    """Duck-types `Engine` for the conversation service; generation happens over HTTP."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        kind: str = "auto",
+        model: str | None = None,
+        api_key: str | None = None,
+        vocab: Engine | None = None,
+    ) -> None:
+        self.url = url.rstrip("/").removesuffix("/v1")
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=TIMEOUT)
+        self._vocab = vocab or Engine(packaged_vocabulary(), vocab_only=True)
+        self._lock = threading.Lock()  # one generation at a time, as with a local engine
+        self._closed = False
+        try:
+            self.kind: RemoteKind = self._detect() if kind == "auto" else _kind(kind)
+            self.model, self.n_ctx = self._describe(model)
+            self._check_vocabulary()
+        except BaseException:
+            self.close()
+            raise
+        self.backend = f"remote {'llama-server' if self.kind == 'llama-server' else 'OpenAI API'}"
+        self.path = Path(f"{self.url}/{self.model}")
+        self.model_key = "remote"
+        self.vocab_size = self._vocab.vocab_size
+
+    # --- connecting -----------------------------------------------------------------------
+
+    def _get(self, path: str) -> httpx.Response:
+        try:
+            r = self._http.get(path)
+        except httpx.HTTPError as exc:
+            raise RemoteError(f"cannot reach the remote engine at {self.url}: {exc}") from exc
+        if r.status_code in (401, 403):
+            raise RemoteError(f"{self.url} refused the API key (HTTP {r.status_code})")
+        return r
+
+    def _detect(self) -> RemoteKind:
+        """llama-server answers `/props`; vLLM and `starling serve` do not."""
+        r = self._get("/props")
+        if r.status_code == 200 and "default_generation_settings" in _json(r):
+            return "llama-server"
+        return "openai"
+
+    def _describe(self, wanted: str | None) -> tuple[str, int]:
+        if self.kind == "llama-server":
+            props = _json(self._get("/props"))
+            settings = props.get("default_generation_settings") or {}
+            n_ctx = int(settings.get("n_ctx") or props.get("n_ctx") or 0)
+            return wanted or str(props.get("model_path", "llama-server")), n_ctx or 4096
+        r = self._get("/v1/models")
+        if r.status_code != 200:
+            raise RemoteError(f"{self.url}/v1/models answered HTTP {r.status_code}")
+        models = _json(r).get("data") or []
+        if not models:
+            raise RemoteError(f"{self.url} serves no model")
+        found = next((m for m in models if m.get("id") == wanted), None) if wanted else models[0]
+        if found is None:
+            names = ", ".join(str(m.get("id")) for m in models)
+            raise RemoteError(f"{self.url} has no model {wanted!r} (it has: {names})")
+        n_ctx = int(found.get("max_model_len") or found.get("context_length") or 8192)
+        return str(found["id"]), n_ctx
+
+    def _check_vocabulary(self) -> None:
+        ours = self._vocab.tokenize(PROBE)
+        if self.kind == "llama-server":
+            body: dict[str, Any] = {"content": PROBE, "add_special": False}
+        else:
+            body = {"model": self.model, "prompt": PROBE, "add_special_tokens": False}
+        try:
+            r = self._http.post("/tokenize", json=body)
+        except httpx.HTTPError as exc:
+            raise RemoteError(f"cannot reach the remote engine at {self.url}: {exc}") from exc
+        if r.status_code != 200:
+            raise RemoteError(f"{self.url}/tokenize answered HTTP {r.status_code}")
+        theirs = [t if isinstance(t, int) else t.get("id") for t in _json(r).get("tokens", [])]
+        if theirs != ours:
+            raise RemoteError(
+                f"{self.url} serves a model with another vocabulary than Starling's "
+                f"({self.model}): its tokens for a probe text differ"
+            )
+
+    # --- the engine interface -------------------------------------------------------------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def tokenize_text(self, text: str) -> list[int]:
+        return self._vocab.tokenize_text(text)
+
+    def tokenize(self, text: str, *, bos: bool = False, special: bool = False) -> list[int]:
+        return self._vocab.tokenize(text, bos=bos, special=special)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._vocab.detokenize(tokens)
+
+    def cached_prefix(self, tokens: Sequence[int]) -> int:
+        return 0  # the remote server keeps its own cache (`cache_prompt`, prefix caching)
+
+    @property
+    def cached_tokens(self) -> int:
+        return 0
+
+    def snapshot(self) -> KVSnapshot | None:
+        return None
+
+    def restore(self, snapshot: KVSnapshot) -> int:
+        return 0
+
+    def save_state(self, path: Path) -> int:
+        return 0
+
+    def load_state(self, path: Path) -> int:
+        return 0
+
+    def generate(
+        self,
+        tokens: Sequence[int],
+        params: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+        *,
+        stop_ids: Iterable[int] = (),
+        reply: bool = True,
+    ) -> EngineStream:
+        params = params or SamplingParams()
+        if self._closed:
+            raise EngineError("the remote engine has been closed")
+        if len(tokens) >= self.n_ctx:
+            raise EngineError(
+                f"the prompt is {len(tokens)} tokens; the context window is {self.n_ctx}"
+            )
+        stats = GenerationStats(prompt_tokens=len(tokens), prompt_evaluated=len(tokens))
+        stream = EngineStream(iter(()), stats)
+        stops = frozenset(stop_ids) | (frozenset() if params.ignore_eos else {END_OF_TURN_ID})
+        stream._chunks = self._run(
+            list(tokens), params, cancel or threading.Event(), stream, stops, reply
+        )
+        return stream
+
+    def _request(
+        self, tokens: list[int], params: SamplingParams, stops: frozenset[int]
+    ) -> tuple[str, dict[str, Any]]:
+        budget = min(params.max_tokens, self.n_ctx - len(tokens))
+        sampling = {
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "top_k": params.top_k,
+            "min_p": params.min_p,
+            "stream": True,
+        }
+        if params.seed is not None:
+            sampling["seed"] = params.seed
+        if self.kind == "llama-server":
+            # An id list gets no BOS from llama-server: ours is the first id already.
+            assert tokens[0] == BOS_ID
+            return "/completion", {
+                **sampling,
+                "prompt": tokens,
+                "n_predict": budget,
+                "cache_prompt": True,
+                "return_tokens": True,
+                "repeat_penalty": params.repeat_penalty,
+                "ignore_eos": params.ignore_eos,
+            }
+        return "/v1/completions", {
+            **sampling,
+            "model": self.model,
+            "prompt": tokens,
+            "max_tokens": budget,
+            "stop_token_ids": sorted(stops),
+            "ignore_eos": params.ignore_eos,
+            "skip_special_tokens": True,
+            "return_token_ids": True,
+            "repetition_penalty": params.repeat_penalty,
+            "stream_options": {"include_usage": True},
+        }
+
+    def _run(
+        self,
+        tokens: list[int],
+        params: SamplingParams,
+        cancel: threading.Event,
+        stream: EngineStream,
+        stops: frozenset[int],
+        reply: bool,
+    ) -> Iterator[str]:
+        stats = stream.stats
+        path, body = self._request(tokens, params, stops)
+        decoder = ReplyDecoder(self._vocab.token_bytes, strip=reply)
+        with self._lock:
+            t0 = time.perf_counter()
+            stats.stop_reason = "length"
+            try:
+                with self._http.stream("POST", path, json=body) as response:
+                    if response.status_code != 200:
+                        response.read()
+                        raise RemoteError(
+                            f"{self.url}{path} answered HTTP {response.status_code}: "
+                            f"{response.text[:200]}"
+                        )
+                    for event in _events(response):
+                        if cancel.is_set():
+                            stats.stop_reason = "cancelled"
+                            break
+                        ids, text, finish = self._parse(event, stats)
+                        for token in ids:
+                            if token in stops:
+                                stats.stop_reason = (
+                                    "end_of_turn" if token in (END_OF_TURN_ID,) else "stop"
+                                )
+                                finish = "done"
+                                break
+                            if stats.completion_tokens == 0:
+                                stats.ttft_s = time.perf_counter() - t0
+                            stats.completion_tokens += 1
+                            stats.decode_s = time.perf_counter() - t0 - stats.ttft_s
+                            stream.token_ids.append(token)
+                            piece = decoder.push(token)
+                            if piece:
+                                yield piece
+                        if not ids and text:  # a server that sends no ids: its text
+                            yield text
+                        if finish:
+                            if finish == "stop" and stats.stop_reason == "length":
+                                stats.stop_reason = "end_of_turn"
+                            break
+            except httpx.HTTPError as exc:
+                raise RemoteError(f"the remote engine at {self.url} failed: {exc}") from exc
+            tail = decoder.flush()
+            if tail:
+                yield tail
+
+    def _parse(self, event: dict[str, Any], stats: GenerationStats) -> tuple[list[int], str, str]:
+        """(new token ids, text, finish reason or "") of one streamed event."""
+        if self.kind == "llama-server":
+            ids = [int(t) for t in event.get("tokens") or []]
+            finish = ""
+            if event.get("stop"):
+                finish = "length" if event.get("stop_type") == "limit" else "stop"
+                cached = (event.get("timings") or {}).get("cache_n")
+                if isinstance(cached, int):
+                    stats.prompt_evaluated = stats.prompt_tokens - cached
+            return ids, str(event.get("content") or ""), finish
+        usage = event.get("usage")
+        if usage:
+            details = usage.get("prompt_tokens_details") or {}
+            cached = details.get("cached_tokens")
+            if isinstance(cached, int):
+                stats.prompt_evaluated = stats.prompt_tokens - cached
+        choices = event.get("choices") or []
+        if not choices:
+            return [], "", ""
+        choice = choices[0]
+        ids = [int(t) for t in choice.get("token_ids") or []]
+        return ids, str(choice.get("text") or ""), str(choice.get("finish_reason") or "")
+
+    def close(self) -> None:
+        self._closed = True
+        self._http.close()
+
+
+def _kind(value: str) -> RemoteKind:
+    if value not in ("openai", "llama-server"):
+        raise RemoteError(f"unknown remote kind {value!r}: choose auto, openai or llama-server")
+    return value  # type: ignore[return-value]
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        data = response.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a server-sent event stream (`data: {...}` lines)."""
+    for line in response.iter_lines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            return
+        try:
+            event = json.loads(payload)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            if "error" in event and "choices" not in event and "content" not in event:
+                message = event["error"].get("message") if isinstance(event["error"], dict) else ""
+                raise RemoteError(f"the remote engine failed: {message or event['error']}")
+            yield event

@@ -376,6 +376,8 @@ def test_bench_runs_end_to_end(tiny_q4: Path, tmp_path: Path, starling_home: Pat
         "300",
         "--tui-tokens",
         "40",
+        "--serve-tokens",
+        "16",
         "--json",
         out,
         home=starling_home,
@@ -392,4 +394,12 @@ def test_bench_runs_end_to_end(tiny_q4: Path, tmp_path: Path, starling_home: Pat
     assert resume["reopened_with_cache"]["prompt_evaluated"] < 40
     assert resume["reopened_without_cache"]["prompt_evaluated"] == resume["conversation_tokens"]
     assert f["tui"]["reply_tokens"] == 40 and f["tui"]["rendered_chars"] == f["tui"]["reply_chars"]
-    assert "raw llama.cpp" in r.stdout and "resume" in r.stdout
+    serve = f["serve"]
+    assert serve["http_tokens_per_s"] > 0 and serve["ratio"] > 0
+    later = [row for row in serve["alternating"] if row["turn"] > 1]
+    assert len(later) == 8 and all(row["prompt_tokens"] > 100 for row in later)
+    # Each client's history came from the KV cache though the other client ran in between:
+    # only the new turn (its ~55 tokens, plus the reply's end-of-turn) is evaluated.
+    assert all(row["evaluated"] < 64 for row in later), later
+    assert later[-1]["prompt_tokens"] > 250
+    assert "raw llama.cpp" in r.stdout and "resume" in r.stdout and "alternating" in r.stdout

@@ -49,6 +49,7 @@ def run_bench(
     n_gpu_layers: int | None = None,
     resume_tokens: int = 2000,
     tui_tokens: int = 2000,
+    serve_tokens: int = 256,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark sections and return the figures."""
@@ -75,6 +76,12 @@ def run_bench(
         # The TUI's reply is long, and decoding slows as the context grows: compare it with
         # the `ask` path over the same length, not with the short decode run above.
         figures["ask_long_tokens_per_s"] = starling_decode(engine, tui_tokens)
+    if serve_tokens:
+        from starling_local.bench.serve import serve_figures
+
+        figures["serve"] = serve_figures(
+            path, lambda n: starling_decode(engine, n), tokens=serve_tokens
+        )
     engine.close()
     if resume_tokens:
         figures["resume"] = resume_figures(path, resume_tokens)
@@ -141,6 +148,20 @@ def format_table(f: dict[str, Any]) -> str:
             f"{(t['render_lag_s'] or 0) * 1000:.0f} ms, {t['rendered_chars']}/{t['reply_chars']} "
             "chars on screen",
         ]
+    if "serve" in f:
+        s = f["serve"]
+        lines += [
+            "",
+            f"starling serve: streamed decode through HTTP {s['http_tokens_per_s']:.1f} tok/s vs "
+            f"ask {s['ask_tokens_per_s']:.1f} ({s['tokens']} tokens; ratio {s['ratio']:.3f}, "
+            "median of 3 paired rounds)",
+            "  two clients alternating   client  turn  prompt  evaluated",
+        ]
+        for row in s["alternating"]:
+            lines.append(
+                f"                            {row['client']:>6}  {row['turn']:>4}"
+                f"  {row['prompt_tokens']:>6}  {row['evaluated']:>9}"
+            )
     lines += ["", f"starling --help: {f['help_seconds'] * 1000:.0f} ms"]
     for shape, c in f["conversion"].items():
         lines.append(

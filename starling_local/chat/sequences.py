@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import replace
 
+from starling_local.chat.template import Message
 from starling_local.engine.interface import EngineLike
 from starling_local.engine.runtime import KVSnapshot
 
@@ -80,3 +83,34 @@ class SequenceCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+
+class RecentReplies:
+    """The token ids of recent replies, by their text. Clients of the server send the whole
+    conversation as text every turn; a reply re-tokenized from its text can differ from the ids
+    it was generated as, which would cost the KV cache from that point on. Rendered as its own
+    ids, the reply matches the cache, and only the new turn is evaluated."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size = size
+        self._ids: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def remember(self, text: str, token_ids: Sequence[int]) -> None:
+        key = text.strip()
+        if not key or not token_ids:
+            return
+        with self._lock:
+            self._ids[key] = tuple(token_ids)
+            self._ids.move_to_end(key)
+            while len(self._ids) > self.size:
+                self._ids.popitem(last=False)
+
+    def exact(self, messages: Sequence[Message]) -> list[Message]:
+        """`messages` with the ids of the replies it remembers attached."""
+        out = []
+        with self._lock:
+            for m in messages:
+                ids = self._ids.get(m.content.strip()) if m.role == "assistant" else None
+                out.append(replace(m, tokens=ids) if ids and not m.tokens else m)
+        return out

@@ -20,7 +20,7 @@ from starling_local.chat.context import ContextOverflowError, FittedPrompt
 from starling_local.chat.conversation import ReplyRecorder, to_messages
 from starling_local.chat.kv_cache import ConversationCache, forget
 from starling_local.chat.replies import ReplyHooks, ReplyOutcome, ReplyStart, run_reply
-from starling_local.chat.sequences import SequenceCache
+from starling_local.chat.sequences import RecentReplies, SequenceCache
 from starling_local.chat.session import build_prompt
 from starling_local.chat.settings import ConversationSettings, settings_of, stored_params
 from starling_local.chat.template import Message, render_segments, segments_to_text
@@ -80,6 +80,7 @@ class ConversationService:
         self._turn: _Turn | None = None
         self._closed = False
         self._sequences = SequenceCache()
+        self._replies = RecentReplies()
         if engine is not None:
             self.attach_engine(engine, model_name)
 
@@ -331,8 +332,8 @@ class ConversationService:
     ) -> ReplyOutcome:
         """A reply to `messages` that is not saved anywhere (`ask --no-save`, the server)."""
         with self._turn_for(cancel) as turn:
-            prompt = self._fit(list(messages), settings)
-            return self._generate(
+            prompt = self._fit(self._replies.exact(messages), settings)
+            outcome = self._generate(
                 prompt.tokens,
                 settings.sampling,
                 turn,
@@ -341,6 +342,9 @@ class ConversationService:
                 dropped=prompt.dropped_messages,
                 stop=stop,
             )
+            if outcome.stats.stop_reason != "stop":  # a stop string cut the ids from the text
+                self._replies.remember(outcome.text, outcome.token_ids)
+            return outcome
 
     def respond(
         self,

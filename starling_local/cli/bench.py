@@ -33,6 +33,12 @@ def register(sub: Any) -> None:
         default=2000,
         help="reply length for the TUI streaming figures (0 skips)",
     )
+    b.add_argument(
+        "--serve-tokens",
+        type=int,
+        default=256,
+        help="reply length for the starling serve figures (0 skips)",
+    )
     b.add_argument("--json", type=Path, help="write the figures to this file")
     b.set_defaults(handler=run)
 
@@ -50,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         convert_shapes=tuple(args.convert),
         resume_tokens=args.resume_tokens,
         tui_tokens=args.tui_tokens,
+        serve_tokens=args.serve_tokens,
         n_gpu_layers=args.gpu_layers,
     )
     print(format_table(figures))

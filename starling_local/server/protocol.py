@@ -148,6 +148,8 @@ def _generation(body: dict[str, Any], base: ConversationSettings) -> Generation:
     penalty = _number(body, "repetition_penalty", 0.0, 10.0)
     if penalty is not None:
         sampling["repeat_penalty"] = penalty
+    if _flag(body, "ignore_eos"):  # vLLM's field: decode past the end of the turn (benchmarks)
+        sampling["ignore_eos"] = True
     max_tokens = _integer(body, "max_completion_tokens", 1) or _integer(body, "max_tokens", 1)
     stream = _flag(body, "stream")
     options = body.get("stream_options") or {}

@@ -1,0 +1,228 @@
+"""Remote engines: generation on another server from token ids rendered here.
+
+Against `starling serve` (the OpenAI/vLLM protocol) and against a real llama-server built from
+the llama.cpp sources that llama-cpp-python vendors (built once by `scripts/build_llama_server.sh`
+and cached under ~/.cache).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from starling_local.chat.session import start_reply
+from starling_local.chat.template import Message, render_tokens
+from starling_local.engine.remote import PROBE, RemoteEngine, RemoteError
+from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.gguf.edit import rewrite_metadata
+from starling_local.gguf.header import read_header
+from starling_local.llamacpp.system import extra_buffers_enabled
+from starling_local.vocab import packaged_vocabulary
+from tests.cards import CARD_CODE, CARD_MULTI, CARD_SINGLE
+from tests.cli_helpers import assert_one_line_error, starling
+from tests.server_helpers import Served, serve
+
+ROOT = Path(__file__).resolve().parents[1]
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
+PROMPTS = ["Hello", "Write a haiku about llamas", "Implement quicksort using C++"]
+
+
+def local_ids(model: Path, prompt: str) -> list[int]:
+    engine = Engine(model, n_ctx=2048)
+    try:
+        reply = start_reply(engine, [Message("user", prompt)], params=GREEDY)
+        reply.stream.consume()
+        return list(reply.stream.token_ids)
+    finally:
+        engine.close()
+
+
+def remote_ids(remote: RemoteEngine, prompt: str) -> list[int]:
+    reply = start_reply(remote, [Message("user", prompt)], params=GREEDY)  # type: ignore[arg-type]
+    reply.stream.consume()
+    return list(reply.stream.token_ids)
+
+
+def test_the_packaged_vocabulary_tokenizes_the_model_cards() -> None:
+    vocab = Engine(packaged_vocabulary(), vocab_only=True)
+    hello = [Message("user", "Hello")]
+    assert render_tokens(hello, vocab.tokenize_text) == CARD_SINGLE
+    multi = [*hello, Message("assistant", "Hi"), Message("user", "How are you today?")]
+    assert render_tokens(multi, vocab.tokenize_text) == CARD_MULTI
+    from starling_local.chat.template import Mode, PromptStyle
+
+    code = [Message("user", "Implement quicksort using C++")]
+    assert render_tokens(code, vocab.tokenize_text, style=PromptStyle(Mode.CODE)) == CARD_CODE
+    vocab.close()
+    # ... and `starling render --tokens` needs no model at all.
+    r = starling("render", "--tokens", stdin=json.dumps([{"role": "user", "content": "Hello"}]))
+    assert r.returncode == 0 and json.loads(r.stdout) == CARD_SINGLE
+
+
+@pytest.fixture(scope="module")
+def served(tiny_q4: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    with serve(tiny_q4, tmp_path_factory.mktemp("remote"), "--ctx", "2048") as s:
+        yield s
+
+
+def test_remote_starling_serve_gives_the_local_engines_ids(tiny_q4: Path, served: Served) -> None:
+    remote = RemoteEngine(served.url)
+    assert remote.kind == "openai" and remote.model == "tiny-q4_k_m" and remote.n_ctx == 2048
+    for prompt in PROMPTS:
+        assert remote_ids(remote, prompt) == local_ids(tiny_q4, prompt), prompt
+    remote.close()
+
+
+def test_ask_remote_keeps_history_here(served: Served, starling_home: Path) -> None:
+    r = starling(
+        "ask", "Hello", "--remote", served.url, "--json", "--temperature", "0", "--max-tokens", "8",
+        home=starling_home,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompt_tokens"] == 17 and out["completion_tokens"] == 8
+    assert out["model"] == f"tiny-q4_k_m @ {served.url}"
+    again = starling(
+        "ask", "More", "--continue", "--remote", served.url, "--json", home=starling_home
+    )
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["conversation_id"] == out["conversation_id"]
+
+
+def test_remote_errors_are_one_line(served: Served, tiny_q4: Path, tmp_path: Path) -> None:
+    assert_one_line_error(
+        starling("ask", "hi", "--remote", "http://127.0.0.1:9"), 1, "cannot reach the remote"
+    )
+    with serve(tiny_q4, tmp_path, "--ctx", "512", "--api-key", "right") as keyed:
+        assert_one_line_error(
+            starling("ask", "hi", "--remote", keyed.url, "--api-key", "wrong"), 1, "API key"
+        )
+        ok = starling("ask", "hi", "--remote", keyed.url, "--api-key", "right", "--no-save",
+                      "--max-tokens", "2")  # fmt: skip
+        assert ok.returncode == 0, ok.stderr
+    assert_one_line_error(
+        starling("ask", "hi", "--remote", served.url, "--remote-model", "gpt-4o"),
+        1,
+        "has no model 'gpt-4o'",
+    )
+
+
+def _foreign_vocabulary(model: Path, out: Path) -> Path:
+    """The same model with one vocabulary piece renamed: another tokenizer to the probe."""
+    tokens = list(read_header(model).fields["tokenizer.ggml.tokens"])
+    vocab = Engine(packaged_vocabulary(), vocab_only=True)
+    first = vocab.tokenize_text(PROBE)[0]
+    vocab.close()
+    tokens[first] = tokens[first] + "qq"
+    return rewrite_metadata(model, out, {"tokenizer.ggml.tokens": tokens})
+
+
+def test_a_server_with_another_vocabulary_is_refused(tiny_q4: Path, tmp_path: Path) -> None:
+    other = _foreign_vocabulary(tiny_q4, tmp_path / "other.gguf")
+    with (
+        serve(other, tmp_path, "--ctx", "512") as s,
+        pytest.raises(RemoteError, match="another vocabulary"),
+    ):
+        RemoteEngine(s.url)
+
+
+# --- a real llama-server -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def llama_server_binary() -> Path:
+    if not all(shutil.which(t) for t in ("cmake", "make", "c++")):
+        pytest.skip("cmake, make and a C++ compiler are needed to build llama-server")
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "build_llama_server.sh")],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}"),
+    )
+    if r.returncode == 3:
+        pytest.skip(r.stderr.strip())
+    assert r.returncode == 0, r.stderr[-3000:]
+    return Path(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def llama_server(llama_server_binary: Path, tiny_q4: Path) -> Iterator[str]:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [str(llama_server_binary), "-m", str(tiny_q4), "--host", "127.0.0.1",
+            "--port", str(port), "-c", "2048", "-fa", "on", "-np", "1"]  # fmt: skip
+    if not extra_buffers_enabled():
+        args.append("--no-repack")  # as the local engine runs it
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        else:
+            raise AssertionError("llama-server did not start")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(20)
+
+
+def test_remote_llama_server_gives_the_local_engines_ids(llama_server: str, tiny_q4: Path) -> None:
+    remote = RemoteEngine(llama_server)
+    assert remote.kind == "llama-server" and remote.n_ctx == 2048
+    for prompt in PROMPTS:
+        assert remote_ids(remote, prompt) == local_ids(tiny_q4, prompt), prompt
+    remote.close()
+
+
+def test_llama_server_stops_at_end_of_turn_on_our_side(
+    llama_server_binary: Path, eager_eos2_gguf: Path, tmp_path: Path
+) -> None:
+    """The eos-2 file: llama-server would not stop at 32000; the remote engine does."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    process = subprocess.Popen(
+        [str(llama_server_binary), "-m", str(eager_eos2_gguf), "--host", "127.0.0.1",
+         "--port", str(port), "-c", "512"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/health").status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        remote = RemoteEngine(url)
+        reply = start_reply(  # type: ignore[arg-type]
+            remote, [Message("user", "Hello")], params=SamplingParams(temperature=0, max_tokens=200)
+        )
+        reply.stream.consume()
+        assert reply.stream.stats.stop_reason == "end_of_turn"
+        assert 0 < reply.stream.stats.completion_tokens < 200
+        assert 32000 not in reply.stream.token_ids
+        remote.close()
+    finally:
+        process.terminate()
+        process.wait(20)

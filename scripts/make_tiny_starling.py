@@ -21,8 +21,20 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument(
+        "--eot-logit",
+        type=float,
+        default=None,
+        help="make a model that ends its turns (<|end_of_turn|> logit near this value)",
+    )
     args = parser.parse_args()
-    make_checkpoint(args.outdir, SHAPES[args.shape], seed=args.seed, shards=args.shards)
+    make_checkpoint(
+        args.outdir,
+        SHAPES[args.shape],
+        seed=args.seed,
+        shards=args.shards,
+        eot_logit=args.eot_logit,
+    )
     print(args.outdir)
 
 

@@ -131,3 +131,40 @@ def test_the_cli_says_which_llama_cpp_python_it_needs(tiny_q4: Path) -> None:
         f"{llama_adapter.version()}, which has no llama_state_seq_set_data): "
         "pip install 'llama-cpp-python>=0.3.36,<0.4'"
     ]
+
+
+class _CancelAfter(threading.Event):
+    """An event that reads as set from its `n`-th check on: a client leaving mid-prefill."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.checks = 0
+        self.n = n
+
+    def is_set(self) -> bool:
+        self.checks += 1
+        return self.checks >= self.n or super().is_set()
+
+
+def test_cancel_during_a_long_prompt_evaluation(
+    tiny_q4: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The prompt is evaluated a chunk at a time with a cancel check between chunks: a client
+    that goes away stops the evaluation, not only the decoding."""
+    monkeypatch.setattr("starling_local.engine.runtime.PREFILL_CHUNK", 64)
+    engine = Engine(tiny_q4, n_ctx=2048)
+    long_prompt = [Message("user", "llamas and alpacas " * 150)]
+    cancel = _CancelAfter(3)
+    reply = start_reply(engine, long_prompt, params=SHORT, cancel=cancel)
+    assert reply.stream.consume() == ""
+    assert reply.stream.stats.stop_reason == "cancelled"
+    assert reply.stream.stats.completion_tokens == 0
+    prompt = len(reply.prompt.tokens)
+    evaluated = engine.cached_tokens
+    assert prompt > 600 and 0 < evaluated <= 2 * 64  # stopped after two chunks
+    # The next reply continues from what was evaluated.
+    again = start_reply(engine, long_prompt, params=SHORT)
+    again.stream.consume()
+    assert again.stream.stats.prompt_evaluated == prompt - evaluated
+    assert again.stream.stats.completion_tokens == SHORT.max_tokens
+    engine.close()

@@ -226,3 +226,26 @@ def test_llama_server_stops_at_end_of_turn_on_our_side(
     finally:
         process.terminate()
         process.wait(20)
+
+
+# --- a real vLLM (scripts/vllm_check.sh runs this on a GPU machine) ------------------------------
+
+
+@pytest.mark.skipif(
+    not os.environ.get("STARLING_VLLM_URL"),
+    reason="needs a vLLM server (STARLING_VLLM_URL; scripts/vllm_check.sh on an NVIDIA GPU)",
+)
+def test_remote_vllm_renders_here_and_stops_at_end_of_turn() -> None:
+    """vLLM computes in fp16 on the GPU, so its greedy ids need not equal llama.cpp's on a
+    random model; what must hold: the prompt is our 17 ids, and generation stops at 32000."""
+    remote = RemoteEngine(os.environ["STARLING_VLLM_URL"])
+    assert remote.kind == "openai"
+    reply = start_reply(  # type: ignore[arg-type]
+        remote, [Message("user", "Hello")], params=SamplingParams(temperature=0, max_tokens=200)
+    )
+    reply.stream.consume()
+    stats = reply.stream.stats
+    assert stats.prompt_tokens == len(CARD_SINGLE)
+    assert stats.stop_reason == "end_of_turn" and 0 < stats.completion_tokens < 200
+    assert 32000 not in reply.stream.token_ids
+    remote.close()

@@ -148,3 +148,22 @@ def test_close_during_a_reply_waits_for_it_to_be_saved(tiny_q4: Path, tmp_path: 
     reply = store.get(conv.id).messages[-1]
     assert reply.incomplete and reply.stop_reason == "cancelled" and reply.content
     assert service.engine is not None and service.engine.closed
+
+
+def test_replies_are_served_in_the_order_they_came() -> None:
+    from starling_local.chat.turns import FifoLock
+
+    lock = FifoLock()
+    order: list[int] = []
+    lock.acquire()
+    threads = []
+    for i in range(8):
+        t = threading.Thread(target=lambda i=i: (lock.acquire(), order.append(i), lock.release()))
+        t.start()
+        threads.append(t)
+        while lock.waiting < i + 1:  # queued before the next one arrives
+            pass
+    lock.release()
+    for t in threads:
+        t.join(10)
+    assert order == list(range(8))

@@ -25,6 +25,7 @@ from starling_local.chat.session import build_prompt
 from starling_local.chat.settings import ConversationSettings, settings_of, stored_params
 from starling_local.chat.template import Message, render_segments, segments_to_text
 from starling_local.chat.transcripts import from_json, to_json, to_markdown
+from starling_local.chat.turns import FifoLock
 from starling_local.engine.interface import EngineLike
 from starling_local.engine.runtime import SamplingParams
 from starling_local.errors import StarlingError, UsageError
@@ -76,7 +77,7 @@ class ConversationService:
         self._kv: ConversationCache | None = None
         self.model_name = model_name
         self._lock = threading.Lock()  # the service's own fields
-        self._replying = threading.Lock()  # one reply at a time, from start to saved state
+        self._replying = FifoLock()  # one reply at a time, in order, to its saved state
         self._turn: _Turn | None = None
         self._closed = False
         self._sequences = SequenceCache()

@@ -19,11 +19,11 @@ from typing import Any
 from starling_local.chat.context import ContextOverflowError, FittedPrompt
 from starling_local.chat.conversation import ReplyRecorder, to_messages
 from starling_local.chat.kv_cache import ConversationCache, forget
+from starling_local.chat.prompts import PromptPreview, fit_messages, preview_prompt, prompt_size
 from starling_local.chat.replies import ReplyHooks, ReplyOutcome, ReplyStart, run_reply
 from starling_local.chat.sequences import RecentReplies, SequenceCache
-from starling_local.chat.session import build_prompt
 from starling_local.chat.settings import ConversationSettings, settings_of, stored_params
-from starling_local.chat.template import Message, render_segments, segments_to_text
+from starling_local.chat.template import Message
 from starling_local.chat.transcripts import from_json, to_json, to_markdown
 from starling_local.chat.turns import FifoLock
 from starling_local.engine.interface import EngineLike
@@ -41,16 +41,6 @@ class NoModelError(StarlingError):
 
 class ServiceClosedError(StarlingError):
     """The service was closed (the front end is quitting)."""
-
-
-@dataclass(frozen=True)
-class PromptPreview:
-    """The exact prompt the next reply would get."""
-
-    text: str
-    tokens: int
-    n_ctx: int
-    dropped_messages: int
 
 
 @dataclass
@@ -229,13 +219,7 @@ class ConversationService:
         return engine
 
     def _fit(self, messages: Sequence[Message], settings: ConversationSettings) -> FittedPrompt:
-        return build_prompt(
-            self._require_engine(),
-            messages,
-            system=settings.system,
-            style=settings.style,
-            max_tokens=settings.sampling.max_tokens,
-        )
+        return fit_messages(self._require_engine(), messages, settings)
 
     def preview(
         self,
@@ -245,41 +229,17 @@ class ConversationService:
     ) -> PromptPreview:
         """The exact prompt of the next reply (with `pending` as the next message when the
         conversation does not end with one of the user's)."""
-        engine = self._require_engine()
-        messages = to_messages(self.store.get(conversation_id)) if conversation_id else []
-        if not messages or messages[-1].role != "user":
-            messages.append(Message("user", pending))
-        fitted = self._fit(messages, settings)
-        kept = messages[fitted.dropped_messages :]
-        text = segments_to_text(
-            render_segments(
-                kept,
-                mode=settings.mode,
-                system=settings.system,
-                policy=settings.policy,
-                exact=False,
-            )
-        )
-        return PromptPreview(text, len(fitted.tokens), engine.n_ctx, fitted.dropped_messages)
+        conv = self.store.get(conversation_id) if conversation_id else None
+        messages = to_messages(conv) if conv else []
+        return preview_prompt(self._require_engine(), messages, settings, pending)
 
     def context_usage(
         self, conversation_id: int | None, settings: ConversationSettings
     ) -> tuple[int, int]:
         """(tokens the conversation takes as the next prompt renders, the context size)."""
-        engine = self._require_engine()
         conv = self.store.get(conversation_id) if conversation_id else None
-        messages = to_messages(conv) if conv else []
-        if not messages:
-            return 0, engine.n_ctx
-        segments = render_segments(
-            messages,
-            mode=settings.mode,
-            system=settings.system,
-            policy=settings.policy,
-            add_generation_prompt=messages[-1].role == "user",
-        )
-        used = sum(1 if isinstance(s, int) else len(engine.tokenize_text(s)) for s in segments)
-        return used, engine.n_ctx
+        used = prompt_size(self._require_engine(), to_messages(conv) if conv else [], settings)
+        return used, self._require_engine().n_ctx
 
     # --- replies ------------------------------------------------------------------------------
 

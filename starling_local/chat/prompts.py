@@ -1,0 +1,72 @@
+"""The prompt of the next reply as the user may inspect it: exact text, size, what fits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from starling_local.chat.context import FittedPrompt
+from starling_local.chat.session import build_prompt
+from starling_local.chat.settings import ConversationSettings
+from starling_local.chat.template import Message, render_segments, segments_to_text
+from starling_local.engine.interface import EngineLike
+
+
+@dataclass(frozen=True)
+class PromptPreview:
+    """The exact prompt the next reply would get."""
+
+    text: str
+    tokens: int
+    n_ctx: int
+    dropped_messages: int
+
+
+def fit_messages(
+    engine: EngineLike, messages: Sequence[Message], settings: ConversationSettings
+) -> FittedPrompt:
+    """The token-exact prompt for `messages`, trimmed to the engine's context window."""
+    return build_prompt(
+        engine,
+        messages,
+        system=settings.system,
+        style=settings.style,
+        max_tokens=settings.sampling.max_tokens,
+    )
+
+
+def preview_prompt(
+    engine: EngineLike,
+    messages: Sequence[Message],
+    settings: ConversationSettings,
+    pending: str = "…",
+) -> PromptPreview:
+    """The prompt of the next reply (with `pending` as the next message when the conversation
+    does not end with one of the user's), as text and size, after fitting."""
+    messages = list(messages)
+    if not messages or messages[-1].role != "user":
+        messages.append(Message("user", pending))
+    fitted = fit_messages(engine, messages, settings)
+    kept = messages[fitted.dropped_messages :]
+    text = segments_to_text(
+        render_segments(
+            kept, mode=settings.mode, system=settings.system, policy=settings.policy, exact=False
+        )
+    )
+    return PromptPreview(text, len(fitted.tokens), engine.n_ctx, fitted.dropped_messages)
+
+
+def prompt_size(
+    engine: EngineLike, messages: Sequence[Message], settings: ConversationSettings
+) -> int:
+    """Tokens `messages` take as the next prompt renders them (0 for none)."""
+    if not messages:
+        return 0
+    segments = render_segments(
+        messages,
+        mode=settings.mode,
+        system=settings.system,
+        policy=settings.policy,
+        add_generation_prompt=messages[-1].role == "user",
+    )
+    return sum(1 if isinstance(s, int) else len(engine.tokenize_text(s)) for s in segments)

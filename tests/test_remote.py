@@ -249,3 +249,26 @@ def test_remote_vllm_renders_here_and_stops_at_end_of_turn() -> None:
     assert stats.stop_reason == "end_of_turn" and 0 < stats.completion_tokens < 200
     assert 32000 not in reply.stream.token_ids
     remote.close()
+
+
+async def test_the_app_chats_through_a_remote_engine(served: Served, tmp_path: Path) -> None:
+    from textual.widgets import TextArea
+
+    from starling_local.chat.engines import EngineSpec
+    from starling_local.store.conversations import ConversationStore
+    from starling_local.tui.app import StarlingApp
+    from tests.test_tui import ready, until
+
+    store = ConversationStore(tmp_path / "remote.db")
+    app = StarlingApp(engine=EngineSpec(remote=served.url), store=store)
+    async with app.run_test(size=(120, 40)) as pilot:
+        s = await ready(pilot, app)
+        assert "remote OpenAI API" in str(s.status.render())
+        s.query_one("#input", TextArea).text = "Hello"
+        await pilot.press("enter")
+        await until(pilot, lambda: not s.generating and s.conversation is not None)
+        await until(pilot, lambda: not s.generating)
+    conv = store.get(store.conversations()[0].id)
+    assert conv.model == f"tiny-q4_k_m @ {served.url}"
+    _user, reply = conv.messages
+    assert reply.content and reply.tokens and not reply.incomplete

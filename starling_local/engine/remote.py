@@ -170,12 +170,7 @@ class RemoteEngine:
         params = params or SamplingParams()
         if self._closed:
             raise EngineError("the remote engine has been closed")
-        if len(tokens) >= self.n_ctx:
-            raise EngineError(
-                f"the prompt is {len(tokens)} tokens; the context window is {self.n_ctx}"
-            )
-        stats = GenerationStats(prompt_tokens=len(tokens), prompt_evaluated=len(tokens))
-        stream = EngineStream(iter(()), stats)
+        stream = EngineStream.starting(tokens, self.n_ctx)
         stops = frozenset(stop_ids) | (frozenset() if params.ignore_eos else {END_OF_TURN_ID})
         stream._chunks = self._run(
             list(tokens), params, cancel or threading.Event(), stream, stops, reply

@@ -122,6 +122,14 @@ class EngineStream:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
 
+    @classmethod
+    def starting(cls, tokens: Sequence[int], n_ctx: int) -> EngineStream:
+        """A stream for the prompt `tokens`, refused when it does not fit the window."""
+        if len(tokens) >= n_ctx:
+            raise EngineError(f"the prompt is {len(tokens)} tokens; the context window is {n_ctx}")
+        stats = GenerationStats(prompt_tokens=len(tokens), prompt_evaluated=len(tokens))
+        return cls(iter(()), stats)
+
     def __iter__(self) -> Iterator[str]:
         return self
 
@@ -316,12 +324,7 @@ class Engine:
         params = params or SamplingParams()
         if self._closing:
             raise EngineClosedError("the model has been unloaded")
-        if len(tokens) >= self.n_ctx:
-            raise EngineError(
-                f"the prompt is {len(tokens)} tokens; the context window is {self.n_ctx}"
-            )
-        stats = GenerationStats(prompt_tokens=len(tokens), prompt_evaluated=len(tokens))
-        stream = EngineStream(iter(()), stats)
+        stream = EngineStream.starting(tokens, self.n_ctx)
         stream._chunks = self._run(
             list(tokens), params, cancel or threading.Event(), stream, frozenset(stop_ids), reply
         )

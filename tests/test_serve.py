@@ -166,6 +166,13 @@ def test_the_sdk_sees_the_errors(client: openai.OpenAI) -> None:
     assert info.value.code == "context_length_exceeded"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=HELLO)  # type: ignore[arg-type]
+    with pytest.raises(openai.BadRequestError) as streamed:  # also before a stream starts
+        client.chat.completions.create(
+            model="tiny-q4_k_m",
+            messages=[{"role": "user", "content": "llama " * 3000}],
+            stream=True,
+        )
+    assert streamed.value.code == "context_length_exceeded"
 
 
 def test_models_lists_the_model_and_its_code_alias(client: openai.OpenAI) -> None:

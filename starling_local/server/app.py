@@ -22,7 +22,12 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from starling_local.chat.context import ContextOverflowError
-from starling_local.chat.service import ConversationService, ReplyHooks, ReplyOutcome
+from starling_local.chat.service import (
+    ConversationService,
+    ReplyHooks,
+    ReplyOutcome,
+    ReplyStart,
+)
 from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Mode, render_tokens
 from starling_local.engine.runtime import EngineStream
@@ -160,7 +165,8 @@ class Run:
 
         def work() -> None:
             try:
-                result: Any = call(ReplyHooks(on_text=self._on_text), self.cancel)
+                hooks = ReplyHooks(on_start=self._on_start, on_text=self._on_text)
+                result: Any = call(hooks, self.cancel)
             except BaseException as exc:
                 result = exc
             finally:
@@ -168,6 +174,9 @@ class Run:
             self.loop.call_soon_threadsafe(self._finish, result)
 
         threading.Thread(target=work, name="starling-request", daemon=True).start()
+
+    def _on_start(self, start: ReplyStart) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, start)
 
     def _on_text(self, text: str, stream: EngineStream) -> None:
         ids = stream.token_ids[self._sent :]
@@ -185,7 +194,9 @@ class Run:
                 return
             await asyncio.sleep(0.05)
 
-    async def events(self) -> AsyncGenerator[tuple[str, list[int]] | ReplyOutcome, None]:
+    async def events(
+        self,
+    ) -> AsyncGenerator[ReplyStart | tuple[str, list[int]] | ReplyOutcome, None]:
         try:
             while True:
                 item = await self.queue.get()
@@ -386,6 +397,10 @@ async def _respond(
     }
     run = server.start(request, call)
     events = run.events()
+    # The request may wait for its turn; once the prompt is accepted (it fits the context...)
+    # generation starts. Errors before that are answered with their status, not in a stream.
+    started = await anext(events)
+    assert isinstance(started, ReplyStart)
 
     if not generation.stream:
         outcome: ReplyOutcome | None = None
@@ -428,7 +443,7 @@ async def _respond(
                     yield _sse(chunk(None, [], FINISH[item.stats.stop_reason]))
                     if generation.include_usage:
                         yield _sse({**chunk_head, "choices": [], "usage": _usage(item)})
-                else:
+                elif isinstance(item, tuple):
                     text, ids = item
                     yield _sse(chunk(text, ids, None))
             yield "data: [DONE]\n\n"

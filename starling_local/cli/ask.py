@@ -6,10 +6,8 @@ import argparse
 import json
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from starling_local.chat.service import ReplyStart
-from starling_local.chat.settings import ConversationSettings, with_flags
 from starling_local.chat.template import Message, Mode, SystemPolicy
 from starling_local.cli.common import (
     add_engine_options,
@@ -20,6 +18,10 @@ from starling_local.cli.common import (
     read_stdin_text,
 )
 from starling_local.errors import StarlingError, UsageError
+
+if TYPE_CHECKING:  # the chat layer is imported when a command runs: `starling --help` stays fast
+    from starling_local.chat.service import ReplyStart
+    from starling_local.chat.settings import ConversationSettings
 
 
 def register(sub: Any) -> None:
@@ -82,6 +84,8 @@ def _add_style_options(p: argparse.ArgumentParser) -> None:
 
 def _settings(args: argparse.Namespace, base: ConversationSettings) -> ConversationSettings:
     """The saved (or default) settings with the options given on this command line."""
+    from starling_local.chat.settings import with_flags
+
     return with_flags(
         base,
         mode=args.mode,
@@ -97,7 +101,7 @@ def _settings(args: argparse.Namespace, base: ConversationSettings) -> Conversat
 def run_ask(args: argparse.Namespace) -> int:
     from starling_local.chat.engines import open_engine
     from starling_local.chat.service import ConversationService, ReplyHooks
-    from starling_local.chat.settings import settings_of
+    from starling_local.chat.settings import ConversationSettings, settings_of
     from starling_local.store.conversations import ConversationStore
 
     text = args.prompt if args.prompt not in (None, "-") else read_stdin_text("prompt")
@@ -194,6 +198,7 @@ def parse_messages(raw: str) -> list[Message]:
 
 
 def run_render(args: argparse.Namespace) -> int:
+    from starling_local.chat.settings import ConversationSettings
     from starling_local.chat.template import render_text, render_tokens
 
     messages = parse_messages(read_stdin_text("messages"))

@@ -67,6 +67,13 @@ def tiny_q4(models_dir: Path, tiny_f16: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def distinct_f16(models_dir: Path) -> Path:
+    """A tiny model with no two tokens' logits tied (for comparing two programs' greedy ids)."""
+    ckpt = make_checkpoint(models_dir / "distinct-starling", seed=3, distinct_logits=True)
+    return convert_checkpoint(ckpt, models_dir / "distinct-f16.gguf", OutType.F16)
+
+
+@pytest.fixture(scope="session")
 def eager_gguf(models_dir: Path) -> Path:
     """A tiny model that ends its turns with <|end_of_turn|> after a few tokens."""
     ckpt = make_checkpoint(models_dir / "eager-starling", eot_logit=EAGER_EOT_LOGIT, seed=7)

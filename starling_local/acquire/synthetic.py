@@ -227,6 +227,7 @@ def make_checkpoint(
     seed: int = 0,
     shards: int = 2,
     eot_logit: float | None = None,
+    distinct_logits: bool = False,
     progress: Progress | None = None,
 ) -> Path:
     """Write a Starling-shaped Hugging Face checkpoint (bf16 safetensors, sharded, indexed).
@@ -234,6 +235,10 @@ def make_checkpoint(
     `eot_logit` makes a model that ends its turns: hidden dimension 0 is held large in every
     embedding and `<|end_of_turn|>`'s output row reads only that dimension, so the logit of
     id 32000 sits near `eot_logit` at every position (random logits are about N(0, 1)).
+
+    Large tensors repeat one random block, so some output rows are equal and their tokens' logits
+    tie exactly; programs break such ties differently. `distinct_logits` gives every output row
+    its own offset (for comparing the token ids of two programs).
     """
     outdir.mkdir(parents=True, exist_ok=True)
     (outdir / "config.json").write_text(json.dumps(hf_config(shape), indent=2))
@@ -252,6 +257,10 @@ def make_checkpoint(
     def produce(name: str) -> Any:
         nonlocal done
         weight = random_weight(name, shapes[name], seed)
+        if distinct_logits and name == "lm_head.weight":
+            rng = np.random.default_rng([seed, 1])
+            scale = np.float32(1.0 / np.sqrt(weight.shape[1]))
+            weight = weight + rng.standard_normal((weight.shape[0], 1), dtype=np.float32) * scale
         if eot_logit is not None:
             weight = _steer_end_of_turn(name, weight, eot_logit)
         bits = to_bf16_bits(weight)

@@ -26,9 +26,10 @@ from starling_local.engine.runtime import (
     ReplyDecoder,
     SamplingParams,
 )
-from starling_local.vocab import BOS_ID, END_OF_TURN_ID, packaged_vocabulary
+from starling_local.vocab import BOS_ID, END_OF_TURN_ID, EOS_ID, packaged_vocabulary
 
 RemoteKind = Literal["openai", "llama-server"]
+END_IDS = frozenset({END_OF_TURN_ID, EOS_ID})
 #: Tokenized by the server and here: a vocabulary check (another model's tokenizer differs).
 PROBE = "Starling naïve café 12345 \t\n GPT4 Correct User: 東京 Code Assistant:"
 TIMEOUT = httpx.Timeout(30.0, read=600.0)
@@ -171,7 +172,10 @@ class RemoteEngine:
         if self._closed:
             raise EngineError("the remote engine has been closed")
         stream = EngineStream.starting(tokens, self.n_ctx)
-        stops = frozenset(stop_ids) | (frozenset() if params.ignore_eos else {END_OF_TURN_ID})
+        # The same end ids as the local engine: `<|end_of_turn|>`, and `</s>` should a fine-tune
+        # emit it.
+        ends = frozenset() if params.ignore_eos else END_IDS
+        stops = frozenset(stop_ids) | ends
         stream._chunks = self._run(
             list(tokens), params, cancel or threading.Event(), stream, stops, reply
         )

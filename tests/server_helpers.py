@@ -22,6 +22,7 @@ class Served:
     url: str
     process: subprocess.Popen[str]
     warnings: list[str]
+    home: Path
 
     @property
     def v1(self) -> str:
@@ -69,7 +70,7 @@ def serve(model: Path, home: Path, *args: str, timeout: float = 60) -> Iterator[
     try:
         assert url, f"the server did not start: {''.join(lines)}"
         assert httpx.get(f"{url}/health").status_code == 200
-        yield Served(url, process, [line for line in lines if "warning" in line])
+        yield Served(url, process, [line for line in lines if "warning" in line], home)
     finally:
         process.terminate()
         try:

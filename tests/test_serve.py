@@ -302,3 +302,34 @@ def test_a_full_queue_answers_429_and_the_server_survives_load(
         for _ in range(3):
             httpx.post(f"{s.v1}/chat/completions", json=body, timeout=60)
         assert s.rss_kib() < rss_before * 1.2 + 20_000
+
+
+def test_system_messages_content_parts_and_text_prompts(server: Served) -> None:
+    messages = [
+        {"role": "system", "content": "Be terse."},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}],
+        },
+    ]
+    tokens = httpx.post(f"{server.url}/tokenize", json={"messages": messages}).json()["tokens"]
+    text = httpx.post(f"{server.url}/detokenize", json={"tokens": tokens}).json()["content"]
+    # The system prompt where OpenChat puts it, then the card's turn.
+    assert text.startswith("<s> Be terse.<|end_of_turn|> GPT4 Correct User: Hello<|end_of_turn|>")
+    r = httpx.post(f"{server.v1}/chat/completions", json={"messages": messages, "max_tokens": 2})
+    assert r.json()["usage"]["prompt_tokens"] == len(tokens)
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    bad = httpx.post(f"{server.v1}/chat/completions", json={"messages": image})
+    assert bad.status_code == 400 and "text" in bad.json()["error"]["message"]
+    completion = httpx.post(
+        f"{server.v1}/completions",
+        json={"prompt": "GPT4 Correct User: Hello<|end_of_turn|>GPT4 Correct Assistant:",
+              "max_tokens": 2},
+    ).json()  # fmt: skip
+    assert completion["usage"]["prompt_tokens"] == 17  # text prompts parse the special token
+
+
+def test_served_conversations_are_not_saved_by_default(server: Served) -> None:
+    httpx.post(f"{server.v1}/chat/completions", json={"messages": HELLO, "max_tokens": 1})
+    home = Path(server.home)
+    assert not (home / "data" / "starling.db").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,3 +82,18 @@ def forget(conversation_id: int, root: Path | None = None) -> None:
     """Remove a conversation's saved caches (for every model)."""
     for path in (root or cache_root()).glob(f"*/conversation-{conversation_id}.kv"):
         path.unlink(missing_ok=True)
+
+
+def copy_states(source_id: int, target_id: int, root: Path | None = None) -> int:
+    """Give conversation `target_id` the saved caches of `source_id` (a branch starts from its
+    parent's cache: the shared history is not evaluated again); the number of files."""
+    count = 0
+    for path in (root or cache_root()).glob(f"*/conversation-{source_id}.kv"):
+        target = path.with_name(f"conversation-{target_id}.kv")
+        target.unlink(missing_ok=True)
+        try:
+            os.link(path, target)  # saving replaces a file, never writes into it: safe to share
+        except OSError:
+            shutil.copyfile(path, target)
+        count += 1
+    return count

@@ -12,19 +12,20 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from starling_local.chat.context import ContextOverflowError, FittedPrompt
 from starling_local.chat.conversation import ReplyRecorder, to_messages
-from starling_local.chat.kv_cache import ConversationCache, forget
+from starling_local.chat.imports import parse_import
+from starling_local.chat.kv_cache import ConversationCache, copy_states, forget
 from starling_local.chat.prompts import PromptPreview, fit_messages, preview_prompt, prompt_size
 from starling_local.chat.replies import ReplyHooks, ReplyOutcome, ReplyStart, run_reply
 from starling_local.chat.sequences import RecentReplies, SequenceCache
 from starling_local.chat.settings import ConversationSettings, settings_of, stored_params
 from starling_local.chat.template import Message
-from starling_local.chat.transcripts import from_json, to_json, to_markdown
+from starling_local.chat.transcripts import to_json, to_markdown
 from starling_local.chat.turns import FifoLock
 from starling_local.engine.interface import EngineLike
 from starling_local.engine.runtime import SamplingParams
@@ -206,9 +207,36 @@ class ConversationService:
         js.write_text(json.dumps(to_json(conv), indent=2, ensure_ascii=False), encoding="utf-8")
         return md, js
 
-    def import_json(self, data: Any) -> Conversation:
-        """Add an exported conversation (all of it or nothing)."""
-        return self.store.insert(from_json(data))
+    def import_data(self, data: Any) -> list[Conversation]:
+        """Add the conversations of an imported JSON document (a starling-local export, a
+        ChatGPT `conversations.json`, or a list of messages): all of them, or none."""
+        return self.store.insert_many(parse_import(data))
+
+    def fork(self, conversation_id: int, at: int | None = None) -> Conversation:
+        """A new conversation holding the messages up to message `at` (1-based; default: all),
+        a branch of this one. Its first reply starts from the parent's KV cache."""
+        conv = self.store.get(conversation_id)
+        count = len(conv.messages) if at is None else at
+        if not 1 <= count <= len(conv.messages):
+            raise UsageError(
+                f"conversation {conv.id} has {len(conv.messages)} messages: --at must be 1 to "
+                f"{len(conv.messages)}"
+            )
+        kept = conv.messages[:count]
+        branch = replace(
+            conv,
+            id=0,
+            title=f"{conv.title or 'Untitled'} (branch)",
+            created="",
+            updated="",
+            messages=[
+                replace(m, incomplete=False) if m.incomplete and m.content else m for m in kept
+            ],
+            parent_id=conv.id,
+        )
+        new = self.store.insert(branch)
+        copy_states(conv.id, new.id, self._kv_root)
+        return new
 
     # --- prompts ------------------------------------------------------------------------------
 

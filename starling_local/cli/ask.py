@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from starling_local.chat.template import Message, Mode, SystemPolicy
@@ -37,6 +38,15 @@ def register(sub: Any) -> None:
     sampling.add_argument("--top-p", type=float, default=None, help="default 0.95")
     sampling.add_argument("--top-k", type=int, default=None, help="default 40")
     sampling.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument(
+        "--file",
+        "-f",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="put a text file into the message as a code block (more than once allowed)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.add_argument("--stats", action="store_true", help="print timing figures on stderr")
     saved = p.add_mutually_exclusive_group()
@@ -99,13 +109,19 @@ def _settings(args: argparse.Namespace, base: ConversationSettings) -> Conversat
 
 
 def run_ask(args: argparse.Namespace) -> int:
+    from starling_local.chat.attachments import read_text_file
     from starling_local.chat.engines import open_engine
     from starling_local.chat.service import ConversationService, ReplyHooks
     from starling_local.chat.settings import ConversationSettings, settings_of
     from starling_local.store.conversations import ConversationStore
 
-    text = args.prompt if args.prompt not in (None, "-") else read_stdin_text("prompt")
-    if not text.strip():
+    for path in args.file:  # refused before anything is loaded or saved
+        read_text_file(path)
+    if args.prompt in (None, "-") and args.file and (sys.stdin is None or sys.stdin.isatty()):
+        text = ""  # the files are the message
+    else:
+        text = args.prompt if args.prompt not in (None, "-") else read_stdin_text("prompt")
+    if not text.strip() and not args.file:
         raise UsageError("the prompt is empty")
     if args.temperature is not None and args.temperature < 0:
         raise UsageError("--temperature must be >= 0")
@@ -129,6 +145,19 @@ def run_ask(args: argparse.Namespace) -> int:
             store.close()
         raise
     service = ConversationService(store, engine, model_name=name)
+    if args.file:
+        from starling_local.chat.attachments import with_files
+
+        try:
+            text = with_files(
+                text,
+                args.file,
+                count_tokens=lambda block: len(engine.tokenize_text(block)),
+                n_ctx=engine.n_ctx,
+            )
+        except BaseException:
+            service.close()
+            raise
 
     def started(start: ReplyStart) -> None:
         if start.dropped_messages:

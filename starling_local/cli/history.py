@@ -30,8 +30,16 @@ def register(sub: Any) -> None:
     exp.add_argument("--output", "-o", type=Path, help="write to a file instead of stdout")
     rm = hs.add_parser("rm", help="delete a conversation")
     rm.add_argument("id", type=int)
-    imp = hs.add_parser("import", help="import a conversation exported as JSON")
+    imp = hs.add_parser(
+        "import",
+        help="import conversations: a starling-local export, a ChatGPT conversations.json, "
+        "or a JSON list of {role, content} messages",
+    )
     imp.add_argument("file", type=Path)
+    fork = hs.add_parser("fork", help="branch a conversation: a new one with its first N messages")
+    fork.add_argument("id", type=int)
+    fork.add_argument("--at", type=int, metavar="N", help="1-based message number (default: all)")
+    fork.add_argument("--json", action="store_true")
     h.set_defaults(handler=run, history_parser=h)
 
 
@@ -117,7 +125,11 @@ def _run(service: Any, action: str, args: argparse.Namespace) -> int:
             raise UsageError(f"{args.file}: no such file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UsageError(f"{args.file}: not a JSON export ({exc})") from exc
-        conv = service.import_json(data)
-        print(f"imported as conversation {conv.id}: {conv.title}")
+        for conv in service.import_data(data):
+            print(f"imported as conversation {conv.id}: {conv.title}")
+        return 0
+    if action == "fork":
+        branch = service.fork(args.id, args.at)
+        print(json.dumps({"conversation_id": branch.id}) if args.json else branch.id)
         return 0
     raise UsageError(f"unknown history action {action!r}")

@@ -118,6 +118,7 @@ class ConversationStore:
             params=json.loads(row["params"] or "{}"),
             created=row["created"],
             updated=row["updated"],
+            parent_id=row["parent_id"],
         )
 
     @staticmethod
@@ -358,40 +359,52 @@ class ConversationStore:
     def insert(self, conversation: Conversation) -> Conversation:
         """Add a whole conversation with its messages in one transaction (a new id is given;
         an untitled one is named after its first user message)."""
+        return self.insert_many([conversation])[0]
+
+    def insert_many(self, conversations: list[Conversation]) -> list[Conversation]:
+        """Add whole conversations in one transaction: all of them, or (on any error) none."""
+        stamp = now()
+        ids = []
+        with self._write() as db:
+            for conversation in conversations:
+                ids.append(self._insert(db, conversation, stamp))
+        return [self.get(i) for i in ids]
+
+    @staticmethod
+    def _insert(db: sqlite3.Connection, conversation: Conversation, stamp: str) -> int:
         if conversation.mode not in MODES:
             raise UsageError(f"mode must be chat or code, not {conversation.mode!r}")
-        stamp = now()
         first_user = next((m.content for m in conversation.messages if m.role == "user"), "")
-        with self._write() as db:
-            cur = db.execute(
-                "INSERT INTO conversations(title, mode, system, model, params, created, updated) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        cur = db.execute(
+            "INSERT INTO conversations(title, mode, system, model, params, created, updated, "
+            "parent_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                conversation.title or title_from(first_user),
+                conversation.mode,
+                conversation.system,
+                conversation.model,
+                json.dumps(conversation.params),
+                conversation.created or stamp,
+                conversation.updated or stamp,
+                conversation.parent_id,
+            ),
+        )
+        new_id = int(cur.lastrowid or 0)
+        for m in conversation.messages:
+            if m.role not in ("user", "assistant"):
+                raise UsageError(f"role must be user or assistant, not {m.role!r}")
+            db.execute(
+                "INSERT INTO messages(conversation_id, role, content, created, incomplete, "
+                "stop_reason, tokens, stats) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    conversation.title or title_from(first_user),
-                    conversation.mode,
-                    conversation.system,
-                    conversation.model,
-                    json.dumps(conversation.params),
-                    conversation.created or stamp,
-                    stamp,
+                    new_id,
+                    m.role,
+                    m.content,
+                    m.created or stamp,
+                    int(m.incomplete),
+                    m.stop_reason,
+                    json.dumps(list(m.tokens)) if m.tokens is not None else None,
+                    json.dumps(m.stats) if m.stats is not None else None,
                 ),
             )
-            new_id = int(cur.lastrowid or 0)
-            for m in conversation.messages:
-                if m.role not in ("user", "assistant"):
-                    raise UsageError(f"role must be user or assistant, not {m.role!r}")
-                db.execute(
-                    "INSERT INTO messages(conversation_id, role, content, created, incomplete, "
-                    "stop_reason, tokens, stats) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        new_id,
-                        m.role,
-                        m.content,
-                        m.created or stamp,
-                        int(m.incomplete),
-                        m.stop_reason,
-                        json.dumps(list(m.tokens)) if m.tokens is not None else None,
-                        json.dumps(m.stats) if m.stats is not None else None,
-                    ),
-                )
-        return self.get(new_id)
+        return new_id

@@ -75,10 +75,17 @@ M003_SEARCH = [
         INSERT INTO titles_fts(rowid, title) VALUES (new.id, new.title); END""",
 ]
 
+#: A conversation can be a branch of another (forked at one of its messages).
+M004_BRANCHES = [
+    "ALTER TABLE conversations ADD COLUMN parent_id INTEGER "
+    "REFERENCES conversations(id) ON DELETE SET NULL",
+]
+
 MIGRATIONS: list[tuple[str, list[str]]] = [
     ("m001_initial", M001_INITIAL),
     ("m002_reply_state", M002_REPLY_STATE),
     ("m003_search", M003_SEARCH),
+    ("m004_branches", M004_BRANCHES),
 ]
 
 

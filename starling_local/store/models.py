@@ -30,3 +30,5 @@ class Conversation:
     created: str
     updated: str
     messages: list[StoredMessage] = field(default_factory=list)
+    parent_id: int | None = None
+    """The conversation this one was branched from, if any."""

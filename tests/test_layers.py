@@ -20,6 +20,7 @@ BASE_TABLE: dict[str, set[str]] = {
     "errors": set(),
     "vocab": set(),
     "paths": set(),
+    "config": {"paths"},
     "files": {"errors"},
     "progress": {"files"},
     "gguf": {"errors", "vocab", "files"},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -279,6 +280,23 @@ def test_main_screen_snapshot(
 
     async def settle(pilot: Any) -> None:
         await until(pilot, lambda: screen(app).model_error is not None)
+        # A blinking cursor is on or off depending on when the picture is taken.
+        screen(app).query_one("#input", TextArea).cursor_blink = False
         await pilot.pause(0.2)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=settle)
+
+
+async def test_the_theme_is_kept(store: ConversationStore, starling_home: Path) -> None:
+    app = StarlingApp(model=None, store=store)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot, lambda: screen(app).model_error is not None)
+        assert app.theme != "nord"
+        app.theme = "nord"  # what the palette's "Change theme" does
+        await pilot.pause()
+    config = json.loads((starling_home / "config" / "config.json").read_text())
+    assert config["theme"] == "nord"
+    again = StarlingApp(model=None, store=store)
+    async with again.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert again.theme == "nord"

@@ -12,6 +12,7 @@ from textual.screen import Screen
 
 from starling_local.chat.engines import EngineSpec
 from starling_local.chat.service import ConversationService
+from starling_local.config import load_config, save_config
 from starling_local.store.conversations import ConversationStore
 from starling_local.tui.screens.chat import ChatScreen
 
@@ -53,6 +54,17 @@ class StarlingApp(App[None]):
         self.engine_spec = engine or EngineSpec(model=model, n_ctx=n_ctx)
         self.conversation_id = conversation_id
         self.service = ConversationService(store or ConversationStore(), owns_store=store is None)
+
+    def on_mount(self) -> None:
+        saved = load_config().get("theme")
+        if isinstance(saved, str) and saved in self.available_themes:
+            self.theme = saved
+        self._theme_restored = True
+
+    def watch_theme(self, theme: str) -> None:
+        # Chosen in the command palette ("Change theme"): kept for the next start.
+        if getattr(self, "_theme_restored", False) and load_config().get("theme") != theme:
+            save_config(theme=theme)
 
     def on_load(self) -> None:
         # The generation thread needs the GIL briefly after every token (between llama.cpp

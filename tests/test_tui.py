@@ -10,14 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import Input, TextArea
+from textual.widgets import Input, Label, TextArea
 
 from starling_local.store.conversations import ConversationStore
 from starling_local.tui.app import StarlingApp
 from starling_local.tui.screens.chat import ChatScreen
 from starling_local.tui.screens.dialogs import ConfirmScreen, PromptScreen, TextScreen
 from starling_local.tui.widgets.chat_view import MessageView
-from starling_local.tui.widgets.sidebar import ConversationItem
+from starling_local.tui.widgets.sidebar import ConversationItem, Sidebar
 
 SIZE = (120, 40)
 
@@ -300,3 +300,40 @@ async def test_the_theme_is_kept(store: ConversationStore, starling_home: Path) 
     async with again.run_test(size=SIZE) as pilot:
         await pilot.pause()
         assert again.theme == "nord"
+
+
+async def test_message_actions_copy_branch_and_delete(
+    eager_gguf: Path, store: ConversationStore
+) -> None:
+    conv = store.create(title="Sorting")
+    store.add_message(conv.id, "user", "Sort a list")
+    store.add_message(
+        conv.id, "assistant", "Two ways:\n\n```python\nsorted(xs)\n```\n\n```python\nxs.sort()\n```"
+    )
+    store.add_message(conv.id, "user", "Which is faster?")
+    store.add_message(conv.id, "assistant", "The second, in place.")
+    app = StarlingApp(model=str(eager_gguf), store=store, n_ctx=1024, conversation_id=conv.id)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        await pilot.press("ctrl+up")  # from the message box to the last message
+        assert isinstance(app.focused, MessageView) and app.focused.role == "assistant"
+        await pilot.press("up", "up")  # the first reply
+        await pilot.press("2")
+        assert app.clipboard == "xs.sort()\n"
+        await pilot.press("c")
+        assert app.clipboard.startswith("Two ways:")
+        await pilot.press("escape")  # back to typing
+        assert app.focused is s.query_one("#input", TextArea)
+        await pilot.press("ctrl+up", "up", "up")
+        await pilot.press("b")  # branch here: the first question and its reply
+        await until(pilot, lambda: s.conversation is not None and s.conversation.id != conv.id)
+        branch = store.get(s.conversation.id)  # type: ignore[union-attr]
+        assert branch.parent_id == conv.id and len(branch.messages) == 2
+        titles = [str(i.query_one(".title", Label).render()) for i in s.query(ConversationItem)]
+        assert titles[titles.index("Sorting") + 1] == "↳ Sorting (branch)"  # under its parent
+        s.post_message(Sidebar.Selected(conv.id))
+        await until(pilot, lambda: s.conversation is not None and s.conversation.id == conv.id)
+        await pilot.press("ctrl+up", "d")  # delete the last pair
+        await until(pilot, lambda: app.focused is s.query_one("#input", TextArea))
+        assert len(store.get(conv.id).messages) == 2
+        assert [v.role for v in s.query(MessageView)] == ["user", "assistant"]

@@ -195,6 +195,20 @@ class ConversationService:
         self.store.add_message(conv.id, "user", text)
         return self.store.get(conv.id)
 
+    def delete_pair(self, conversation_id: int, message_id: int) -> Conversation:
+        """Delete a message and its partner: a user message with the reply after it, or a reply
+        with the user message before it."""
+        conv = self.store.get(conversation_id)
+        ids = [m.id for m in conv.messages]
+        if message_id not in ids:
+            raise UsageError(f"conversation {conversation_id} has no message {message_id}")
+        i = ids.index(message_id)
+        role = conv.messages[i].role
+        j = i + 1 if role == "user" else i - 1
+        partner = conv.messages[j] if 0 <= j < len(ids) and conv.messages[j].role != role else None
+        self.store.delete_messages(conv.id, [message_id] + ([partner.id] if partner else []))
+        return self.store.get(conv.id)
+
     def export(self, conversation_id: int, folder: Path) -> tuple[Path, Path]:
         """Write the conversation as Markdown and JSON into `folder`."""
         import json

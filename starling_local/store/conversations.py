@@ -319,6 +319,14 @@ class ConversationStore:
                 (now(), message_id),
             )
 
+    def delete_messages(self, conversation_id: int, message_ids: list[int]) -> None:
+        """Delete some messages of a conversation (in one transaction)."""
+        with self._write() as db:
+            db.executemany(
+                "DELETE FROM messages WHERE conversation_id = ? AND id = ?",
+                [(conversation_id, i) for i in message_ids],
+            )
+
     def truncate(self, conversation_id: int, from_message_id: int) -> None:
         """Delete a message and everything after it (for regenerate and edit-and-resend)."""
         with self._write() as db:

@@ -34,6 +34,11 @@ COMMANDS = (
     ("Show prompt", "The exact rendered prompt and its token count", "show_prompt"),
     ("Export conversation", "Write it as Markdown and JSON", "export"),
     ("Search conversations", "Full-text search of titles and messages", "search"),
+    (
+        "Select messages",
+        "Pick a message (Up/Down): c copies it, 1-9 a code block, b branches, d deletes the pair",
+        "select_messages",
+    ),
 )
 
 

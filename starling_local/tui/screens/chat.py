@@ -46,6 +46,7 @@ class ChatScreen(ReplyStreaming):
         Binding("f4", "show_prompt", "Prompt", id="prompt"),
         Binding("ctrl+s", "export", "Export", id="export", show=False),
         Binding("ctrl+f", "search", "Search", id="search", show=False),
+        Binding("ctrl+up", "select_messages", "Messages", id="messages", show=False),
     ]
 
     def __init__(self, conversation_id: int | None = None) -> None:
@@ -61,6 +62,7 @@ class ChatScreen(ReplyStreaming):
         self.md_stream: Any = None
         self.reshow = False
         self._status_at = 0.0
+        self._context_base = (0, 0)
         self.reply_overrides: dict[str, Any] = {}
         """Sampling changes for every reply, never saved (benchmarks)."""
         self.render_lag_s: float | None = None
@@ -137,7 +139,8 @@ class ChatScreen(ReplyStreaming):
             rows = [(c.id, c.title, snip) for c, snip in store.search(search)]
         else:
             rows = [
-                (c.id, c.title, c.updated[:16].replace("T", " ")) for c in store.conversations(200)
+                (c.id, ("↳ " if c.parent_id else "") + c.title, c.updated[:16].replace("T", " "))
+                for c in branches_under_parents(store.conversations(200))
             ]
         await self.query_one(Sidebar).show(rows, self.cid)
 
@@ -151,6 +154,7 @@ class ChatScreen(ReplyStreaming):
                 m.role,
                 m.content,
                 NOTES.get(m.stop_reason or "", "incomplete") if m.incomplete else "",
+                m.id,
             )
             for m in (self.conversation.messages if self.conversation else [])
             if m.id != hide
@@ -181,3 +185,23 @@ class ChatScreen(ReplyStreaming):
         await self.chat.add("user", text)
         cid, settings = self.cid, self.settings
         self.start_reply(lambda: self.service.send(cid, text, settings))
+
+
+def branches_under_parents(conversations: list[Conversation]) -> list[Conversation]:
+    """Newest first, each branch right under the conversation it was branched from."""
+    present = {c.id for c in conversations}
+    children: dict[int, list[Conversation]] = {}
+    for c in conversations:
+        if c.parent_id in present:
+            children.setdefault(c.parent_id, []).append(c)  # type: ignore[arg-type]
+    out: list[Conversation] = []
+
+    def visit(c: Conversation) -> None:
+        out.append(c)
+        for child in children.get(c.id, []):
+            visit(child)
+
+    for c in conversations:
+        if c.parent_id not in present:
+            visit(c)
+    return out

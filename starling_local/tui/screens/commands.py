@@ -23,6 +23,7 @@ from starling_local.tui.screens.dialogs import (
     SettingsScreen,
     TextScreen,
 )
+from starling_local.tui.widgets.chat_view import MessageView
 from starling_local.tui.widgets.prompt_input import PromptInput
 
 if TYPE_CHECKING:
@@ -232,6 +233,47 @@ class ConversationCommands(Screen[None]):
         self.notify(
             "Copied the last code block." if blocks else "The last reply has no code block."
         )
+
+    def action_select_messages(self) -> None:
+        views = list(self.query(MessageView))
+        if views:
+            views[-1].focus()
+            views[-1].scroll_visible()
+
+    async def on_message_view_action(self, event: MessageView.Action) -> None:
+        view, action = event.view, event.action
+        cid, message_id = self.cid, view.message_id
+        text = view.markdown.source
+        if action == "copy":
+            self.app.copy_to_clipboard(text)
+            self.notify("Copied the message.")
+        elif action.startswith("code "):
+            n = int(action.split()[1])
+            blocks = CODE_BLOCK.findall(text)
+            if n <= len(blocks):
+                self.app.copy_to_clipboard(blocks[n - 1])
+                self.notify(f"Copied code block {n}.")
+            else:
+                self.notify(f"The message has {len(blocks)} code blocks.")
+        elif cid is None or message_id is None or self.generating:
+            self.notify("Wait for the reply to finish (or stop it) first.")
+        elif action == "branch":
+            ids = [m.id for m in self.conversation.messages] if self.conversation else []
+            at = ids.index(message_id) + 1
+
+            async def opened(branch: Conversation) -> None:
+                await self.open_conversation(branch)
+                await self.refresh_sidebar()
+                self.notify(f"Branched at message {at}: “{branch.title}”.")
+
+            self.background(lambda: self.service.fork(cid, at), opened)
+        elif action == "delete":
+
+            async def deleted(conv: Conversation) -> None:
+                await self.open_conversation(conv)
+                self.query_one(PromptInput).focus()
+
+            self.background(lambda: self.service.delete_pair(cid, message_id), deleted)
 
     def action_search(self) -> None:
         self.query_one("#search").focus()

@@ -30,6 +30,7 @@ class ReplyStreaming(ConversationCommands):
     reply_overrides: dict[str, Any]
     render_lag_s: float | None
     _status_at: float
+    _context_base: tuple[int, int]
 
     if TYPE_CHECKING:
 
@@ -56,7 +57,8 @@ class ReplyStreaming(ConversationCommands):
             self.conversation = self.service.get(start.conversation_id)
             if self.reshow:
                 await self.open_conversation(self.conversation, hide=start.message_id)
-        self.reply_view = await self.chat.add("assistant", "")
+        self.reply_view = await self.chat.add("assistant", "", message_id=start.message_id)
+        self._context_base = (start.prompt_tokens, start.n_ctx)
         self.md_stream = Markdown.get_stream(self.reply_view.markdown)
         if start.dropped_messages:
             self.reply_view.set_note(f"{start.dropped_messages} oldest messages left out")
@@ -73,7 +75,11 @@ class ReplyStreaming(ConversationCommands):
         now = time.monotonic()
         if now - self._status_at >= 0.5:  # a status update re-lays-out the screen: twice a second
             self._status_at = now
-            self.status.set(speed=f"{message.tokens_per_s:.1f} tok/s")
+            used, n_ctx = self._context_base
+            self.status.set(
+                speed=f"{message.tokens_per_s:.1f} tok/s",
+                context=f"{used + message.tokens}/{n_ctx} tokens",  # live while it streams
+            )
 
     async def on_reply_done(self, message: ReplyDone) -> None:
         if self.md_stream is not None:
@@ -97,6 +103,10 @@ class ReplyStreaming(ConversationCommands):
         self.render_lag_s = time.perf_counter() - message.generated_at
         if self.cid is not None:
             self.conversation = self.service.get(self.cid)
+            views = [v for v in self.chat.query(MessageView) if v.role != "notice"]
+            if len(views) == len(self.conversation.messages):  # the new ones learn their ids
+                for view, stored in zip(views, self.conversation.messages, strict=True):
+                    view.message_id = stored.id
         self.update_context()
         await self.refresh_sidebar()
 

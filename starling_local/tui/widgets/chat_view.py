@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
+from textual.message import Message
 from textual.widgets import Label, Markdown
 
 #: Shown when there is no model to load.
@@ -20,14 +24,52 @@ then start `starling` again (or `starling chat --model PATH.gguf` for a file you
 NOTES = {"cancelled": "stopped", "length": "max tokens reached", "error": "error"}
 
 
-class MessageView(Vertical):
-    """A message with a small header (who, and a note such as "stopped")."""
+class MessageView(Vertical, can_focus=True):
+    """A message with a small header (who, and a note such as "stopped"). Focused (a click, or
+    Ctrl+Up from the message box and Up/Down between messages), its keys act on it."""
 
-    def __init__(self, role: str, content: str, note: str = "") -> None:
+    BINDINGS = [
+        Binding("c", "act('copy')", "Copy", id="message.copy"),
+        Binding("b", "act('branch')", "Branch from here", id="message.branch"),
+        Binding("d", "act('delete')", "Delete pair", id="message.delete"),
+        *(
+            Binding(str(n), f"act('code {n}')", f"Copy code block {n}", show=False)
+            for n in range(1, 10)
+        ),
+        Binding("escape", "leave", "Back to typing", show=False),
+        Binding("up", "move(-1)", "Previous", show=False),
+        Binding("down", "move(1)", "Next", show=False),
+    ]
+
+    class Action(Message):
+        """`action` ("copy", "branch", "delete", "code N") asked of message `view`."""
+
+        def __init__(self, view: MessageView, action: str) -> None:
+            super().__init__()
+            self.view = view
+            self.action = action
+
+    def __init__(
+        self, role: str, content: str, note: str = "", message_id: int | None = None
+    ) -> None:
         super().__init__(classes=f"message {role}")
         self.role = role
         self.content = content
         self.note = note
+        self.message_id = message_id
+
+    def action_act(self, action: str) -> None:
+        self.post_message(self.Action(self, action))
+
+    def action_leave(self) -> None:
+        self.screen.query_one("#input").focus()
+
+    def action_move(self, step: int) -> None:
+        views = list(self.screen.query(MessageView))
+        index = views.index(self) + step
+        if 0 <= index < len(views):
+            views[index].focus()
+            views[index].scroll_visible()
 
     def compose(self):  # type: ignore[no-untyped-def]
         who = {"user": "You", "assistant": "Starling", "notice": "starling-local"}[self.role]
@@ -47,15 +89,17 @@ class MessageView(Vertical):
 class ChatView(VerticalScroll):
     """All messages of the open conversation."""
 
-    async def show(self, messages: list[tuple[str, str, str]]) -> None:
-        """Replace the contents with `(role, content, note)` messages."""
+    async def show(self, messages: Sequence[tuple[str, str, str, int | None]]) -> None:
+        """Replace the contents with `(role, content, note, message id)` messages."""
         await self.remove_children()
-        await self.mount_all([MessageView(role, content, note) for role, content, note in messages])
+        await self.mount_all([MessageView(*message) for message in messages])
         self.scroll_end(animate=False)
         self.anchor()
 
-    async def add(self, role: str, content: str, note: str = "") -> MessageView:
-        view = MessageView(role, content, note)
+    async def add(
+        self, role: str, content: str, note: str = "", message_id: int | None = None
+    ) -> MessageView:
+        view = MessageView(role, content, note, message_id)
         await self.mount(view)
         self.anchor()
         return view

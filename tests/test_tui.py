@@ -15,7 +15,12 @@ from textual.widgets import Input, Label, TextArea
 from starling_local.store.conversations import ConversationStore
 from starling_local.tui.app import StarlingApp
 from starling_local.tui.screens.chat import ChatScreen
-from starling_local.tui.screens.dialogs import ConfirmScreen, PromptScreen, TextScreen
+from starling_local.tui.screens.dialogs import (
+    ConfirmScreen,
+    FileScreen,
+    PromptScreen,
+    TextScreen,
+)
 from starling_local.tui.widgets.chat_view import MessageView
 from starling_local.tui.widgets.sidebar import ConversationItem, Sidebar
 
@@ -337,3 +342,42 @@ async def test_message_actions_copy_branch_and_delete(
         await until(pilot, lambda: app.focused is s.query_one("#input", TextArea))
         assert len(store.get(conv.id).messages) == 2
         assert [v.role for v in s.query(MessageView)] == ["user", "assistant"]
+
+
+async def test_attach_a_file_and_import_in_the_app(
+    eager_gguf: Path, store: ConversationStore, tmp_path: Path
+) -> None:
+    code = tmp_path / "sort.py"
+    code.write_text("def sort(xs):\n    return sorted(xs)\n")
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(b"\x00\x01")
+    export = tmp_path / "messages.json"
+    export.write_text(
+        json.dumps(
+            [{"role": "user", "content": "Imported hello"}, {"role": "assistant", "content": "Hi"}]
+        )
+    )
+    app = StarlingApp(model=str(eager_gguf), store=store, n_ctx=1024)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        box = s.query_one("#input", TextArea)
+        box.text = "Add type hints"
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, FileScreen) and app.screen.query("#path"))
+        app.screen.query_one("#path", Input).value = str(code)
+        await pilot.press("enter")
+        await until(pilot, lambda: "```python" in box.text)
+        assert box.text.startswith("Add type hints\n\n`sort.py`:\n```python\ndef sort(xs):")
+        assert any("tokens" in n.message for n in app._notifications)
+        await pilot.press("ctrl+o")
+        await until(pilot, lambda: isinstance(app.screen, FileScreen) and app.screen.query("#path"))
+        app.screen.query_one("#path", Input).value = str(binary)
+        await pilot.press("enter")
+        await until(pilot, lambda: any("binary" in n.message for n in app._notifications))
+        assert "blob" not in box.text
+        await s.run_action("import")  # also in the command palette
+        await until(pilot, lambda: isinstance(app.screen, FileScreen) and app.screen.query("#path"))
+        app.screen.query_one("#path", Input).value = str(export)
+        await pilot.press("enter")
+        await until(pilot, lambda: any(c.title == "Imported hello" for c in store.conversations()))
+        await until(pilot, lambda: any("Imported hello" in str(i.render()) for i in s.query(Label)))

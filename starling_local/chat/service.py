@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from starling_local.chat.attachments import with_files
 from starling_local.chat.context import ContextOverflowError, FittedPrompt
 from starling_local.chat.conversation import ReplyRecorder, to_messages
 from starling_local.chat.imports import parse_import
@@ -225,6 +226,27 @@ class ConversationService:
         """Add the conversations of an imported JSON document (a starling-local export, a
         ChatGPT `conversations.json`, or a list of messages): all of them, or none."""
         return self.store.insert_many(parse_import(data))
+
+    def import_file(self, path: Path) -> list[Conversation]:
+        """`import_data` of a JSON file, with one-line errors for a missing or broken file."""
+        import json
+
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise UsageError(f"{path}: not a JSON export ({exc})") from exc
+        return self.import_data(data)
+
+    def file_block(self, path: Path) -> tuple[str, int]:
+        """A text file as the code block a message would hold, and its size in tokens (refused
+        when it does not fit the context window)."""
+        engine = self._require_engine()
+        block = with_files(
+            "", [path], count_tokens=lambda b: len(engine.tokenize_text(b)), n_ctx=engine.n_ctx
+        )
+        return block, len(engine.tokenize_text(block))
 
     def fork(self, conversation_id: int, at: int | None = None) -> Conversation:
         """A new conversation holding the messages up to message `at` (1-based; default: all),

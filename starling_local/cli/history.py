@@ -119,13 +119,7 @@ def _run(service: Any, action: str, args: argparse.Namespace) -> int:
         print(f"deleted conversation {args.id}")
         return 0
     if action == "import":
-        try:
-            data = json.loads(args.file.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise UsageError(f"{args.file}: no such file") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise UsageError(f"{args.file}: not a JSON export ({exc})") from exc
-        for conv in service.import_data(data):
+        for conv in service.import_file(args.file):
             print(f"imported as conversation {conv.id}: {conv.title}")
         return 0
     if action == "fork":

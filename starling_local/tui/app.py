@@ -34,6 +34,12 @@ COMMANDS = (
     ("Show prompt", "The exact rendered prompt and its token count", "show_prompt"),
     ("Export conversation", "Write it as Markdown and JSON", "export"),
     ("Search conversations", "Full-text search of titles and messages", "search"),
+    ("Attach a file", "Put a text file into your message as a code block", "attach_file"),
+    (
+        "Import conversations",
+        "A starling-local export, a ChatGPT conversations.json or a message list",
+        "import",
+    ),
     (
         "Select messages",
         "Pick a message (Up/Down): c copies it, 1-9 a code block, b branches, d deletes the pair",

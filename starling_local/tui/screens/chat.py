@@ -47,6 +47,7 @@ class ChatScreen(ReplyStreaming):
         Binding("ctrl+s", "export", "Export", id="export", show=False),
         Binding("ctrl+f", "search", "Search", id="search", show=False),
         Binding("ctrl+up", "select_messages", "Messages", id="messages", show=False),
+        Binding("ctrl+o", "attach_file", "Attach file", id="attach"),
     ]
 
     def __init__(self, conversation_id: int | None = None) -> None:

@@ -7,6 +7,7 @@ import inspect
 import re
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from textual import work
@@ -19,6 +20,7 @@ from starling_local.store.models import Conversation
 from starling_local.tui.messages import ServiceDone, ServiceFailed
 from starling_local.tui.screens.dialogs import (
     ConfirmScreen,
+    FileScreen,
     PromptScreen,
     SettingsScreen,
     TextScreen,
@@ -274,6 +276,37 @@ class ConversationCommands(Screen[None]):
                 self.query_one(PromptInput).focus()
 
             self.background(lambda: self.service.delete_pair(cid, message_id), deleted)
+
+    def action_attach_file(self) -> None:
+        """Put a text file into the message box as a code block (its size shown first)."""
+        if not self.model_ready:
+            self.notify("Wait for the model: the file's size is counted in its tokens.")
+            return
+
+        def attach(result: tuple[str, int]) -> None:
+            block, tokens = result
+            box = self.query_one(PromptInput)
+            box.text = "\n\n".join(part for part in (box.text.rstrip(), block) if part)
+            box.focus()
+            self.notify(f"Attached: {tokens} tokens.")
+
+        def picked(path: Path | None) -> None:
+            if path is not None:
+                self.background(lambda: self.service.file_block(path), attach)
+
+        self.app.push_screen(FileScreen("Attach a text file", Path.cwd()), picked)
+
+    def action_import(self) -> None:
+        async def imported(convs: list[Conversation]) -> None:
+            await self.refresh_sidebar()
+            self.notify(f"Imported {len(convs)} conversation(s).")
+
+        def picked(path: Path | None) -> None:
+            if path is not None:
+                self.background(lambda: self.service.import_file(path), imported)
+
+        title = "Import a starling-local export, a ChatGPT conversations.json or a message list"
+        self.app.push_screen(FileScreen(title, Path.cwd()), picked)
 
     def action_search(self) -> None:
         self.query_one("#search").focus()

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label, Static, TextArea
+from textual.widgets import Button, DirectoryTree, Input, Label, Static, TextArea
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -138,3 +139,28 @@ class PromptScreen(ModalScreen[None]):
 
     def on_button_pressed(self, event: Button.Pressed) -> None:
         self.dismiss(None)
+
+
+class FileScreen(ModalScreen[Path | None]):
+    """Pick a file: from the tree, or by typing its path."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "Cancel", id="dialog.cancel")]
+
+    def __init__(self, title: str, root: Path) -> None:
+        super().__init__()
+        self.title_text = title
+        self.root = root
+
+    def compose(self):  # type: ignore[no-untyped-def]
+        with Vertical(classes="dialog files"):
+            yield Label(self.title_text)
+            yield Input(placeholder="a path, or pick below", id="path")
+            yield DirectoryTree(self.root, id="tree")
+            yield Label("Enter picks, Escape cancels", classes="hint")
+
+    def on_directory_tree_file_selected(self, event: DirectoryTree.FileSelected) -> None:
+        self.dismiss(Path(event.path))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.value.strip():
+            self.dismiss(Path(event.value.strip()).expanduser())

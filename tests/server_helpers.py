@@ -23,6 +23,7 @@ class Served:
     process: subprocess.Popen[str]
     warnings: list[str]
     home: Path
+    banner: str = ""
 
     @property
     def v1(self) -> str:
@@ -57,6 +58,7 @@ def serve(model: Path, home: Path, *args: str, timeout: float = 60) -> Iterator[
     assert process.stderr is not None
     deadline = time.monotonic() + timeout
     url = None
+    banner = ""
     lines = []
     while time.monotonic() < deadline:
         line = process.stderr.readline()
@@ -65,12 +67,14 @@ def serve(model: Path, home: Path, *args: str, timeout: float = 60) -> Iterator[
         lines.append(line)
         found = READY.search(line)
         if found:
+            banner = line
             url = f"http://127.0.0.1:{found.group(1)}"
             break
     try:
         assert url, f"the server did not start: {''.join(lines)}"
         assert httpx.get(f"{url}/health").status_code == 200
-        yield Served(url, process, [line for line in lines if "warning" in line], home)
+        warnings = [line for line in lines if "warning" in line]
+        yield Served(url, process, warnings, home, banner)
     finally:
         process.terminate()
         try:

@@ -276,3 +276,15 @@ async def test_the_app_chats_through_a_remote_engine(served: Served, tmp_path: P
     assert conv.model == f"tiny-q4_k_m @ {served.url}"
     _user, reply = conv.messages
     assert reply.content and reply.tokens and not reply.incomplete
+
+
+def test_serve_can_itself_generate_remotely(served: Served, tiny_q4: Path, tmp_path: Path) -> None:
+    """This machine's API, another machine's engine: the front server renders, the back one
+    generates from ids; the reply is the back server's own."""
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6, "temperature": 0}
+    direct = httpx.post(f"{served.v1}/chat/completions", json=body, timeout=60).json()
+    with serve(tiny_q4, tmp_path, "--remote", served.url) as front:
+        assert "remote OpenAI API" in front.banner
+        relayed = httpx.post(f"{front.v1}/chat/completions", json=body, timeout=60).json()
+    assert relayed["choices"][0]["message"] == direct["choices"][0]["message"]
+    assert relayed["usage"]["prompt_tokens"] == 17

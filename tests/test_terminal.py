@@ -101,3 +101,69 @@ def test_quit_mid_reply_twenty_times(tiny_q4: Path, starling_home: Path, tmp_pat
     assert len(replies) == QUITS
     assert all(r.role == "assistant" and r.content for r in replies)
     assert [(r.incomplete, r.stop_reason) for r in replies] == [(True, "cancelled")] * QUITS
+
+
+def test_download_a_model_inside_the_app_and_chat(
+    eager_gguf: Path, starling_home: Path, tmp_path: Path
+) -> None:
+    """The installed app with no model, the Hub stand-in on 127.0.0.1: F5, pick the default
+    model, Enter downloads it (verified), the app loads it, and it answers."""
+    from starling_local.acquire.catalog import CATALOG
+    from starling_local.store.conversations import ConversationStore
+    from tests.fake_hub import FakeHub, start
+
+    hub = FakeHub()
+    hub.add_repo(
+        "TheBloke/Starling-LM-7B-alpha-GGUF",
+        {"starling-lm-7b-alpha.Q4_K_M.gguf": eager_gguf.read_bytes()},
+    )
+    servers = start(hub)
+    quants = list(CATALOG["starling-lm-7b-alpha"].gguf.sizes)
+    session = f"starling-dl-{os.getpid()}"
+    starling = Path(sys.executable).with_name("starling")
+    command = (
+        f"env STARLING_HOME={starling_home} HF_HOME={tmp_path / 'hf'} HF_ENDPOINT={hub.endpoint} "
+        f"{starling} chat --ctx 1024"
+    )
+    tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", command)
+    try:
+        wait_for(session, "Download Starling-LM-7B-alpha Q4_K_M")  # the first-run offer
+        tmux("send-keys", "-t", session, "F5")
+        wait_for(session, "starling-lm-7b-alpha:Q2_K")
+        for _ in range(quants.index("Q4_K_M")):
+            tmux("send-keys", "-t", session, "Down")
+        tmux("send-keys", "-t", session, "Enter")
+        wait_for(session, "downloaded, verified", timeout=60)
+        tmux("send-keys", "-t", session, "Escape")
+        wait_for(session, "starling-lm-7b-alpha.Q4_K_M.gguf", timeout=60)  # loaded, in the status
+        tmux("send-keys", "-t", session, "-l", "Hello from the download")
+        tmux("send-keys", "-t", session, "Enter")
+        db = starling_home / "data" / "starling.db"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not replied(db):
+            time.sleep(0.2)
+        tmux("send-keys", "-t", session, "C-q")
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        for server in servers:
+            server.shutdown()
+    store = ConversationStore(starling_home / "data" / "starling.db")
+    [conv] = store.conversations()
+    user, reply = store.get(conv.id).messages
+    assert user.content == "Hello from the download"
+    assert reply.content and reply.stop_reason == "end_of_turn"
+    assert "starling-lm-7b-alpha:Q4_K_M" in conv.model  # the downloaded, registered model
+
+
+def replied(db: Path) -> bool:
+    from starling_local.store.conversations import ConversationStore
+
+    if not db.exists():
+        return False
+    store = ConversationStore(db)
+    try:
+        convs = store.conversations()
+        last = store.get(convs[0].id).messages[-1] if convs else None
+        return last is not None and last.role == "assistant" and last.stop_reason is not None
+    finally:
+        store.close()

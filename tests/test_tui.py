@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sqlite3
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from textual.widgets import Input, Label, TextArea
+from textual.widgets import DataTable, Input, Label, TextArea
 
 from starling_local.store.conversations import ConversationStore
 from starling_local.tui.app import StarlingApp
@@ -281,6 +283,8 @@ def test_main_screen_snapshot(
     snap_compare: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("STARLING_HOME", str(tmp_path / "home"))
+    # The first-run download button says how much disk is free: the same on every machine here.
+    monkeypatch.setattr("starling_local.files.free_bytes", lambda directory: 100 << 30)
     app = StarlingApp(model=None, store=ConversationStore(tmp_path / "snap.db"))
 
     async def settle(pilot: Any) -> None:
@@ -381,3 +385,111 @@ async def test_attach_a_file_and_import_in_the_app(
         await pilot.press("enter")
         await until(pilot, lambda: any(c.title == "Imported hello" for c in store.conversations()))
         await until(pilot, lambda: any("Imported hello" in str(i.render()) for i in s.query(Label)))
+
+
+async def test_models_screen_uses_defaults_and_deletes(
+    tiny_q4: Path, eager_gguf: Path, store: ConversationStore, tmp_path: Path
+) -> None:
+    import shutil
+
+    from starling_local.acquire.library import ModelLibrary
+    from starling_local.tui.screens.models import ModelsScreen
+
+    library = ModelLibrary()
+    for source, name in ((tiny_q4, "tiny"), (eager_gguf, "eager")):
+        copy = tmp_path / f"{name}.gguf"
+        shutil.copyfile(source, copy)
+        library.register(copy, name=name, source="local")
+    app = StarlingApp(model="tiny", store=store, n_ctx=1024)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        first_engine = app.service.engine
+        await pilot.press("f5")
+        await until(pilot, lambda: isinstance(app.screen, ModelsScreen))
+        models = app.screen
+        assert isinstance(models, ModelsScreen)
+        table = models.query_one(DataTable)
+        names = [str(table.get_row_at(i)[0]) for i in range(table.row_count)]
+        assert "starling-lm-7b-alpha:Q4_K_M" in names and "starling-lm-7b-beta:Q8_0" in names
+        assert names[-2:] == ["tiny", "eager"]
+        statuses = {
+            str(table.get_row_at(i)[0]): str(table.get_row_at(i)[2]) for i in range(len(names))
+        }
+        assert statuses["starling-lm-7b-alpha:Q4_K_M"] == "—" and statuses["eager"] == "here"
+        table.move_cursor(row=names.index("eager"))
+        await pilot.press("s")
+        assert library.default_name() == "eager"
+        await pilot.press("u")  # switch the running model, in the background
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
+        await until(pilot, lambda: app.service.engine is not first_engine and s.model_ready)
+        assert "eager.gguf" in str(s.status.render())
+        assert first_engine is not None and first_engine.closed  # the old one was freed
+        await send(pilot, app, "Hello after the switch")
+        reply = store.get(store.conversations()[0].id).messages[-1]
+        assert reply.role == "assistant" and reply.stop_reason == "end_of_turn"
+        await pilot.press("f5")
+        await until(pilot, lambda: isinstance(app.screen, ModelsScreen))
+        table = app.screen.query_one(DataTable)
+        table.move_cursor(row=names.index("tiny"))
+        await pilot.press("x")
+        await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.click("#yes")
+        await until(pilot, lambda: library.find("tiny") is None)
+        assert not (tmp_path / "tiny.gguf").exists()
+
+
+def _snapshot_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[StarlingApp, Any]:
+    monkeypatch.setenv("STARLING_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("starling_local.files.free_bytes", lambda directory: 100 << 30)
+    store = ConversationStore(tmp_path / "snap.db")
+    app = StarlingApp(model=None, store=store)
+    return app, store
+
+
+def test_models_screen_snapshot(
+    snap_compare: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, _ = _snapshot_app(tmp_path, monkeypatch)
+
+    async def open_models(pilot: Any) -> None:
+        await until(pilot, lambda: screen(app).model_error is not None)
+        await pilot.press("f5")
+        await until(pilot, lambda: app.screen.query("#model-table"))
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=open_models)
+
+
+def test_branch_and_attached_file_snapshot(
+    snap_compare: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app, store = _snapshot_app(tmp_path, monkeypatch)
+    parent = store.create(title="Sorting")
+    store.add_message(parent.id, "user", "Sort a list")
+    store.add_message(parent.id, "assistant", "Use `sorted(xs)`.")
+    branch = store.insert(
+        replace(
+            store.get(parent.id),
+            id=0,
+            title="Sorting (branch)",
+            parent_id=parent.id,
+            created="2026-01-01T00:00:00",
+            updated="",
+        )
+    )
+    with sqlite3.connect(store.path) as db:  # fixed times: the sidebar shows them
+        db.execute("UPDATE conversations SET updated = '2026-01-01T10:00:00'")
+    assert branch.parent_id == parent.id
+    code = tmp_path / "sort.py"
+    code.write_text("def sort(xs):\n    return sorted(xs)\n")
+
+    async def attach(pilot: Any) -> None:
+        await until(pilot, lambda: screen(app).model_error is not None)
+        box = screen(app).query_one("#input", TextArea)
+        from starling_local.chat.attachments import with_files
+
+        box.text = with_files("Add type hints", [code])
+        box.cursor_blink = False
+        await pilot.pause(0.2)
+
+    assert snap_compare(app, terminal_size=SIZE, run_before=attach)

@@ -137,6 +137,23 @@ class ModelLibrary:
         preferred = [e for e in matches if e.quant == DEFAULT_QUANT]
         return (preferred or sorted(matches, key=lambda e: e.added))[-1]
 
+    def default_name(self) -> str | None:
+        """The model chosen as the default (`set_default`), if any."""
+        from starling_local.config import load_config
+
+        name = load_config().get("default_model")
+        return name if isinstance(name, str) else None
+
+    def set_default(self, name: str) -> LibraryEntry:
+        """Make a library model the one used when none is named."""
+        from starling_local.config import save_config
+
+        entry = self.find(name)
+        if entry is None:
+            raise UsageError(f"no model named {name!r} in the library (see `starling models`)")
+        save_config(default_model=entry.name)
+        return entry
+
     def remove(self, name: str) -> LibraryEntry:
         """Unregister a model and delete its file (and, for Hub files, the cached blob)."""
         with self._locked():
@@ -162,7 +179,9 @@ def resolve_model(spec: str | None) -> Path:
     spec = spec or os.environ.get("STARLING_MODEL") or None
     library = ModelLibrary()
     if not spec:
-        entry = library.find(DEFAULT_MODEL) or _newest(library)
+        chosen = library.default_name()
+        entry = (library.find(chosen) if chosen else None) or library.find(DEFAULT_MODEL)
+        entry = entry or _newest(library)
         if entry is None:
             raise UsageError(
                 "no model yet: run `starling pull` to download Starling-LM-7B-alpha (Q4_K_M), "

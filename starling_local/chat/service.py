@@ -99,6 +99,21 @@ class ConversationService:
             self.model_name = model_name or str(engine.path)
             return True
 
+    def swap_engine(self, engine: EngineLike, model_name: str) -> bool:
+        """Switch to another loaded engine once the running reply (if any) is done, and close
+        the old one; False (the caller closes `engine`) if the service is closed. KV state files
+        stay keyed by model, so each model keeps its own."""
+        with self._replying:
+            with self._lock:
+                if self._closed:
+                    return False
+                old = self._engine
+            self._sequences.clear()
+            self.attach_engine(engine, model_name)
+            if old is not None and old is not engine:
+                old.close()
+            return True
+
     def close(self) -> None:
         """Stop a running reply, wait until it is recorded and its state saved, then free the
         engine (and the store, when owned). Safe to call twice and from any thread."""

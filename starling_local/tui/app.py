@@ -34,6 +34,7 @@ COMMANDS = (
     ("Show prompt", "The exact rendered prompt and its token count", "show_prompt"),
     ("Export conversation", "Write it as Markdown and JSON", "export"),
     ("Search conversations", "Full-text search of titles and messages", "search"),
+    ("Models", "Download, use, make default or delete models", "models"),
     ("Attach a file", "Put a text file into your message as a code block", "attach_file"),
     (
         "Import conversations",
@@ -83,17 +84,40 @@ class StarlingApp(App[None]):
         # (Markdown rendering) would hold it long enough to cap decoding near 200 tokens/s.
         sys.setswitchinterval(SWITCH_INTERVAL_S)
 
-    def load_engine(self, on_progress: Callable[[float], None]) -> tuple[str, str, int]:
-        """Load the model (in a worker thread) and hand it to the service; (name, backend,
-        context size). An engine loaded after the app began to quit is closed at once."""
+    def load_engine(
+        self, on_progress: Callable[[float], None], model: str | None = None
+    ) -> tuple[str, str, int]:
+        """Load the model (in a worker thread) and hand it to the service, replacing the one
+        loaded before; (name, backend, context size). An engine loaded after the app began to
+        quit is closed at once."""
+        from dataclasses import replace
+
         from starling_local.chat.engines import open_engine
         from starling_local.engine.runtime import EngineClosedError
 
-        engine, name = open_engine(self.engine_spec, on_progress)
-        if not self.service.attach_engine(engine, name):
+        spec = replace(self.engine_spec, model=model, remote=None) if model else self.engine_spec
+        engine, name = open_engine(spec, on_progress)
+        swapped = (
+            self.service.swap_engine(engine, name)
+            if self.service.engine is not None
+            else self.service.attach_engine(engine, name)
+        )
+        if not swapped:
             engine.close()
             raise EngineClosedError("the app is quitting")
         return engine.path.name, engine.backend, engine.n_ctx
+
+    def switch_model(self, model: str) -> None:
+        """Use another model from now on (loaded in the background; the open conversation
+        carries on)."""
+        chat = self.screen_stack[0]
+        if isinstance(chat, ChatScreen):
+            chat.status.set(model=f"loading {model}…")
+            chat.load_model(model)
+
+    def model_downloaded(self, model: str) -> None:
+        if self.service.engine is None:
+            self.switch_model(model)  # the first model: use it at once
 
     def get_default_screen(self) -> Screen[Any]:
         return ChatScreen(self.conversation_id)

@@ -11,7 +11,7 @@ from typing import Any
 from textual import on, work
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
-from textual.widgets import Footer
+from textual.widgets import Button, Footer
 
 from starling_local.chat.service import ConversationService
 from starling_local.chat.settings import ConversationSettings, settings_of
@@ -22,6 +22,7 @@ from starling_local.tui.messages import (
     ModelLoaded,
     ModelLoading,
 )
+from starling_local.tui.screens.models import DEFAULT_DOWNLOAD, ModelsScreen, download_offer
 from starling_local.tui.screens.replies import ReplyStreaming
 from starling_local.tui.widgets.chat_view import NO_MODEL_HELP, NOTES, ChatView, MessageView
 from starling_local.tui.widgets.prompt_input import PromptInput
@@ -48,6 +49,7 @@ class ChatScreen(ReplyStreaming):
         Binding("ctrl+f", "search", "Search", id="search", show=False),
         Binding("ctrl+up", "select_messages", "Messages", id="messages", show=False),
         Binding("ctrl+o", "attach_file", "Attach file", id="attach"),
+        Binding("f5", "models", "Models", id="models"),
     ]
 
     def __init__(self, conversation_id: int | None = None) -> None:
@@ -105,10 +107,12 @@ class ChatScreen(ReplyStreaming):
     # --- workers: every service call runs here, off the UI thread ------------------------------
 
     @work(thread=True, exclusive=True, group="model")
-    def load_model(self) -> None:
+    def load_model(self, model: str | None = None) -> None:
+        """Load the model (`model`, or the one the app was started with) and make it the one
+        replies run on; a running reply finishes on the old one first."""
         try:
             name, backend, n_ctx = self.app.load_engine(  # type: ignore[attr-defined]
-                lambda fraction: self.post_message(ModelLoading(fraction))
+                lambda fraction: self.post_message(ModelLoading(fraction)), model
             )
         except StarlingError as exc:
             self.post_message(ModelFailed(str(exc)))
@@ -117,11 +121,17 @@ class ChatScreen(ReplyStreaming):
 
     # --- model ---------------------------------------------------------------------------------
 
+    def action_models(self) -> None:
+        self.app.push_screen(ModelsScreen())
+
     def on_model_loading(self, message: ModelLoading) -> None:
         self.status.set(model=f"loading model {message.fraction:.0%}")
 
     def on_model_loaded(self, message: ModelLoaded) -> None:
         self.model_ready = True
+        self.model_error = None
+        for button in self.query("#get-default"):
+            button.remove()
         self.status.set(model=message.name, backend=message.backend)
         self.update_context()
 
@@ -131,6 +141,12 @@ class ChatScreen(ReplyStreaming):
         no_model = "no model yet" in message.error
         text = NO_MODEL_HELP if no_model else f"**The model could not be loaded:** {message.error}"
         await self.chat.add("notice", text)
+        if no_model:  # the download, one click away
+            await self.chat.mount(Button(download_offer(), id="get-default", variant="primary"))
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "get-default":
+            self.app.push_screen(ModelsScreen(download=DEFAULT_DOWNLOAD))
 
     # --- conversations -------------------------------------------------------------------------
 

@@ -11,14 +11,13 @@ from textual.widgets import Label, Markdown
 
 #: Shown when there is no model to load.
 NO_MODEL_HELP = """\
-**No model yet.** In a terminal, run:
+**No model yet.** Download one here: the button below gets Starling-LM-7B-alpha, and **F5** lists
+every model and quantization. Or, in a terminal:
 
 ```
 starling pull                            # Starling-LM-7B-alpha, Q4_K_M (4.4 GB)
-starling pull starling-lm-7b-beta        # or the beta
+starling chat --model PATH.gguf          # a file you already have
 ```
-
-then start `starling` again (or `starling chat --model PATH.gguf` for a file you already have).
 """
 #: How a reply that ended early is labelled, by stop reason.
 NOTES = {"cancelled": "stopped", "length": "max tokens reached", "error": "error"}

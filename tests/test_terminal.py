@@ -36,9 +36,17 @@ def wait_for(session: str, text: str, timeout: float = 30) -> str:
 
 
 def test_chat_in_a_real_terminal(eager_gguf: Path, starling_home: Path) -> None:
+    from starling_local.store.conversations import ConversationStore
+
+    store = ConversationStore(starling_home / "data" / "starling.db")
+    # Greedy: the eager model's reply is the same every run (sampled, it sometimes ends at once).
+    conv = store.create(params={"temperature": 0.0})
     session = f"starling-{os.getpid()}"
     starling = Path(sys.executable).with_name("starling")
-    command = f"env STARLING_HOME={starling_home} {starling} chat --model {eager_gguf} --ctx 1024"
+    command = (
+        f"env STARLING_HOME={starling_home} {starling} chat --model {eager_gguf} --ctx 1024 "
+        f"--conversation {conv.id}"
+    )
     tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", command)
     try:
         wait_for(session, "eager-f16.gguf")  # the model has loaded
@@ -54,11 +62,9 @@ def test_chat_in_a_real_terminal(eager_gguf: Path, starling_home: Path) -> None:
         assert not alive(session)  # Ctrl+Q quit the app, which ended the session
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
-    from starling_local.store.conversations import ConversationStore
-
-    store = ConversationStore(starling_home / "data" / "starling.db")
-    [conv] = store.conversations()
-    assert [m.role for m in store.get(conv.id).messages] == ["user", "assistant"]
+    user, reply = store.get(conv.id).messages
+    assert user.content == "Hello from tmux"
+    assert reply.content and reply.stop_reason == "end_of_turn"
 
 
 QUITS = 20
@@ -119,11 +125,13 @@ def test_download_a_model_inside_the_app_and_chat(
     )
     servers = start(hub)
     quants = list(CATALOG["starling-lm-7b-alpha"].gguf.sizes)
+    db = starling_home / "data" / "starling.db"
+    conv = ConversationStore(db).create(params={"temperature": 0.0})  # greedy: a steady reply
     session = f"starling-dl-{os.getpid()}"
     starling = Path(sys.executable).with_name("starling")
     command = (
         f"env STARLING_HOME={starling_home} HF_HOME={tmp_path / 'hf'} HF_ENDPOINT={hub.endpoint} "
-        f"{starling} chat --ctx 1024"
+        f"{starling} chat --ctx 1024 --conversation {conv.id}"
     )
     tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", command)
     try:
@@ -138,7 +146,6 @@ def test_download_a_model_inside_the_app_and_chat(
         wait_for(session, "starling-lm-7b-alpha.Q4_K_M.gguf", timeout=60)  # loaded, in the status
         tmux("send-keys", "-t", session, "-l", "Hello from the download")
         tmux("send-keys", "-t", session, "Enter")
-        db = starling_home / "data" / "starling.db"
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not replied(db):
             time.sleep(0.2)
@@ -147,9 +154,9 @@ def test_download_a_model_inside_the_app_and_chat(
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
         for server in servers:
             server.shutdown()
-    store = ConversationStore(starling_home / "data" / "starling.db")
-    [conv] = store.conversations()
+    store = ConversationStore(db)
     user, reply = store.get(conv.id).messages
+    conv = store.get(conv.id)
     assert user.content == "Hello from the download"
     assert reply.content and reply.stop_reason == "end_of_turn"
     assert "starling-lm-7b-alpha:Q4_K_M" in conv.model  # the downloaded, registered model
@@ -163,7 +170,8 @@ def replied(db: Path) -> bool:
     store = ConversationStore(db)
     try:
         convs = store.conversations()
-        last = store.get(convs[0].id).messages[-1] if convs else None
+        messages = store.get(convs[0].id).messages if convs else []
+        last = messages[-1] if messages else None
         return last is not None and last.role == "assistant" and last.stop_reason is not None
     finally:
         store.close()

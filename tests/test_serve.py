@@ -333,3 +333,21 @@ def test_served_conversations_are_not_saved_by_default(server: Served) -> None:
     httpx.post(f"{server.v1}/chat/completions", json={"messages": HELLO, "max_tokens": 1})
     home = Path(server.home)
     assert not (home / "data" / "starling.db").exists()
+
+
+def test_disconnect_during_the_prompt_evaluation_stops_it(tiny_q4: Path, tmp_path: Path) -> None:
+    """A long prompt (about 7,800 tokens: ~1 s of evaluation here) and a client that hangs up
+    as soon as the stream starts: the evaluation stops part-way, so the same prompt sent again
+    finds only part of it in the KV cache."""
+    long_prompt = [{"role": "user", "content": "llama " * 3900}]
+    with serve(tiny_q4, tmp_path, "--ctx", "8192") as s:
+        body = {"messages": long_prompt, "max_tokens": 1, "stream": True}
+        _stream_then_hang_up(s.url, body, 1)
+        time.sleep(1.5)  # the evaluation would be over by now had it not stopped
+        again = httpx.post(
+            f"{s.v1}/chat/completions", json={"messages": long_prompt, "max_tokens": 1}, timeout=60
+        ).json()
+    usage = again["usage"]
+    assert usage["prompt_tokens"] > 7000
+    cached = usage["prompt_tokens_details"]["cached_tokens"]
+    assert 0 < cached < usage["prompt_tokens"] - 1000, usage

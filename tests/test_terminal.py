@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,16 @@ def alive(session: str) -> bool:
     return (
         subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode == 0
     )
+
+
+@contextlib.contextmanager
+def terminal(session: str, command: str) -> Iterator[str]:
+    """`command` running in a 120x40 tmux session, killed when the block ends."""
+    tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", command)
+    try:
+        yield session
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
 
 
 def wait_for(session: str, text: str, timeout: float = 30) -> str:
@@ -47,8 +59,7 @@ def test_chat_in_a_real_terminal(eager_gguf: Path, starling_home: Path) -> None:
         f"env STARLING_HOME={starling_home} {starling} chat --model {eager_gguf} --ctx 1024 "
         f"--conversation {conv.id}"
     )
-    tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", command)
-    try:
+    with terminal(session, command):
         wait_for(session, "eager-f16.gguf")  # the model has loaded
         tmux("send-keys", "-t", session, "-l", "Hello from tmux")
         tmux("send-keys", "-t", session, "Enter")
@@ -60,8 +71,6 @@ def test_chat_in_a_real_terminal(eager_gguf: Path, starling_home: Path) -> None:
         while alive(session) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert not alive(session)  # Ctrl+Q quit the app, which ended the session
-    finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     user, reply = store.get(conv.id).messages
     assert user.content == "Hello from tmux"
     assert reply.content and reply.stop_reason == "end_of_turn"
@@ -89,8 +98,7 @@ def test_quit_mid_reply_twenty_times(tiny_q4: Path, starling_home: Path, tmp_pat
             f"env STARLING_HOME={starling_home} {starling} chat --model {tiny_q4} --ctx 4096 "
             f"--conversation {cid}; echo $? > {rc_file}"
         )
-        tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", command)
-        try:
+        with terminal(session, command):
             wait_for(session, "tiny-q4_k_m.gguf")  # loaded
             tmux("send-keys", "-t", session, "-l", "Go on and on")
             tmux("send-keys", "-t", session, "Enter")
@@ -100,8 +108,6 @@ def test_quit_mid_reply_twenty_times(tiny_q4: Path, starling_home: Path, tmp_pat
             while not rc_file.exists() and time.monotonic() < deadline:
                 time.sleep(0.1)
             statuses.append(rc_file.read_text().strip() if rc_file.exists() else "hung")
-        finally:
-            subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
     assert statuses == ["0"] * QUITS
     replies = [store.get(cid).messages[-1] for cid in ids]
     assert len(replies) == QUITS
@@ -133,25 +139,26 @@ def test_download_a_model_inside_the_app_and_chat(
         f"env STARLING_HOME={starling_home} HF_HOME={tmp_path / 'hf'} HF_ENDPOINT={hub.endpoint} "
         f"{starling} chat --ctx 1024 --conversation {conv.id}"
     )
-    tmux("new-session", "-d", "-s", session, "-x", "120", "-y", "40", command)
     try:
-        wait_for(session, "Download Starling-LM-7B-alpha Q4_K_M")  # the first-run offer
-        tmux("send-keys", "-t", session, "F5")
-        wait_for(session, "starling-lm-7b-alpha:Q2_K")
-        for _ in range(quants.index("Q4_K_M")):
-            tmux("send-keys", "-t", session, "Down")
-        tmux("send-keys", "-t", session, "Enter")
-        wait_for(session, "downloaded, verified", timeout=60)
-        tmux("send-keys", "-t", session, "Escape")
-        wait_for(session, "starling-lm-7b-alpha.Q4_K_M.gguf", timeout=60)  # loaded, in the status
-        tmux("send-keys", "-t", session, "-l", "Hello from the download")
-        tmux("send-keys", "-t", session, "Enter")
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not replied(db):
-            time.sleep(0.2)
-        tmux("send-keys", "-t", session, "C-q")
+        with terminal(session, command):
+            wait_for(session, "Download Starling-LM-7B-alpha Q4_K_M")  # the first-run offer
+            tmux("send-keys", "-t", session, "F5")
+            wait_for(session, "starling-lm-7b-alpha:Q2_K")
+            for _ in range(quants.index("Q4_K_M")):
+                tmux("send-keys", "-t", session, "Down")
+            tmux("send-keys", "-t", session, "Enter")
+            wait_for(session, "downloaded, verified", timeout=60)
+            tmux("send-keys", "-t", session, "Escape")
+            wait_for(
+                session, "starling-lm-7b-alpha.Q4_K_M.gguf", timeout=60
+            )  # loaded, in the status
+            tmux("send-keys", "-t", session, "-l", "Hello from the download")
+            tmux("send-keys", "-t", session, "Enter")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not replied(db):
+                time.sleep(0.2)
+            tmux("send-keys", "-t", session, "C-q")
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
         for server in servers:
             server.shutdown()
     store = ConversationStore(db)

@@ -100,12 +100,12 @@ class _OldLlama:
 
     def __init__(self) -> None:
         self.context = None
+        self._batch = None
         self.n_tokens = 0
         self.input_ids = None
 
-    def generate(self) -> None:
-        self._requires_eval = True
-        self.n_tokens = 0
+    def _init_sampler(self) -> None:
+        pass
 
 
 def test_a_llama_cpp_python_without_the_private_parts_is_refused_in_one_line() -> None:

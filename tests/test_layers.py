@@ -31,7 +31,7 @@ BASE = set(BASE_TABLE) - {"__init__"}
 #: The layers, top to bottom, and what each may import (besides itself).
 LAYER_TABLE: dict[str, set[str]] = {
     "store": {"errors", "paths"},
-    "engine": {"errors", "paths", "vocab", "gguf", "llamacpp"},
+    "engine": {"errors", "paths", "vocab", "files", "gguf", "llamacpp"},
     "acquire": BASE,
     "chat": {"engine", "store", "acquire"} | BASE,
     "tui": {"chat", "engine", "store", "acquire"} | BASE,
@@ -119,8 +119,15 @@ def test_only_the_tui_imports_textual() -> None:
 
 
 def test_only_the_adapter_touches_llama_cpp_python_private_parts() -> None:
-    """`_ctx`, `input_ids`, `n_tokens`, `_requires_eval` and the patched defaults."""
-    private = ("._ctx", ".input_ids", ".n_tokens", "._requires_eval", "llama_model_default_params")
+    """`_ctx`, `_batch`, `_init_sampler`, `input_ids`, `n_tokens` and the patched defaults."""
+    private = (
+        "._ctx",
+        "._batch",
+        "._init_sampler",
+        ".input_ids",
+        ".n_tokens",
+        "llama_model_default_params",
+    )
     offenders = [
         str(p.relative_to(PACKAGE))
         for p in PACKAGE.rglob("*.py")

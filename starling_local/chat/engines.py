@@ -23,6 +23,8 @@ class EngineSpec:
     remote_kind: str = "auto"
     remote_model: str | None = None
     remote_api_key: str | None = None
+    speculate: bool = True
+    """Speculative decoding with drafts looked up in the conversation (exact; see the engine)."""
 
     def with_env(self) -> EngineSpec:
         """Fill what was not given from `STARLING_REMOTE` and `STARLING_REMOTE_API_KEY`."""
@@ -59,5 +61,6 @@ def open_engine(
         n_threads=spec.n_threads,
         n_gpu_layers=spec.n_gpu_layers,
         on_progress=on_progress,
+        speculate=spec.speculate,
     )
     return engine, display_name(engine.path)

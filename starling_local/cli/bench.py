@@ -39,6 +39,42 @@ def register(sub: Any) -> None:
         default=256,
         help="reply length for the starling serve figures (0 skips)",
     )
+    b.add_argument(
+        "--speculative",
+        action="store_true",
+        help="speculative vs plain decoding on --model (any llama-architecture GGUF, prompts in "
+        "its own chat template): speedup, acceptance, identical ids",
+    )
+    b.add_argument(
+        "--prompts",
+        type=Path,
+        help='with --speculative: a JSON list of {"messages": [...], "grounded": true|false}',
+    )
+    b.add_argument(
+        "--cost-shapes",
+        nargs="*",
+        default=[],
+        metavar="SHAPE",
+        help="batch-cost curves (k = 1, 2, 4, 8, 16) of these synthetic shapes",
+    )
+    b.add_argument(
+        "--long-context",
+        nargs="*",
+        metavar="SHAPE",
+        help="decode and prompt speed at --depths on these shapes (default: --shape), flash "
+        "attention on/off, KV cache f16/q8_0",
+    )
+    b.add_argument(
+        "--depths",
+        default="0,2048,4096,7936",
+        help="comma-separated depths for --long-context (at most the context window less "
+        "the decoded tokens: Starling's window is 8192)",
+    )
+    b.add_argument(
+        "--all",
+        action="store_true",
+        help="with --speculative/--long-context/--cost-shapes: also the other sections",
+    )
     b.add_argument("--json", type=Path, help="write the figures to this file")
     b.set_defaults(handler=run)
 
@@ -48,6 +84,28 @@ def run(args: argparse.Namespace) -> int:
     from starling_local.bench.runner import format_table, run_bench, write_json
 
     model = resolve_model(args.model) if args.model else None
+    if args.speculative or args.long_context is not None or args.cost_shapes:
+        from starling_local.bench.extra import format_extra, run_extra
+
+        extra = run_extra(
+            model,
+            speculative=args.speculative,
+            prompts=args.prompts,
+            tokens=args.tokens,
+            cost_shapes=tuple(args.cost_shapes),
+            long_context=None
+            if args.long_context is None
+            else tuple(args.long_context or [args.shape]),
+            depths=tuple(int(d) for d in args.depths.split(",")),
+            n_gpu_layers=args.gpu_layers,
+        )
+        if not args.all:
+            print("\n".join(format_extra(extra)).strip("\n"))
+            if args.json:
+                write_json(extra, args.json)
+            return 0
+    else:
+        extra = {}
     figures = run_bench(
         model,
         shape=args.shape,
@@ -58,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         tui_tokens=args.tui_tokens,
         serve_tokens=args.serve_tokens,
         n_gpu_layers=args.gpu_layers,
+        extra=extra,
     )
     print(format_table(figures))
     if args.json:

@@ -32,6 +32,13 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="layers to offload to the GPU (default: all when the build supports it)",
     )
+    group.add_argument(
+        "--no-speculate",
+        dest="speculate",
+        action="store_false",
+        help="no speculative decoding (drafts looked up in the conversation, verified by the "
+        "model: the same reply, faster where it repeats its context)",
+    )
 
 
 def add_remote_options(parser: argparse.ArgumentParser, key_flags: tuple[str, ...]) -> None:
@@ -67,6 +74,7 @@ def engine_spec(args: argparse.Namespace, model: str | None = None) -> Any:
         remote_kind=getattr(args, "remote_kind", "auto"),
         remote_model=getattr(args, "remote_model", None),
         remote_api_key=getattr(args, "remote_api_key", None),
+        speculate=getattr(args, "speculate", True),
     ).with_env()
 
 

@@ -1,10 +1,11 @@
 """The one place that reaches into llama-cpp-python's private parts.
 
-`Llama` keeps its context (`_ctx`), the tokens in its KV cache (`input_ids`, `n_tokens`) and
-whether its logits are stale (`_requires_eval`) as private attributes, and builds its model
-parameters from `llama_model_default_params()` with no argument for some of them. The engine
-needs all of these; they are checked here at import, so an upgrade of llama-cpp-python that
-changes them fails with one line naming the versions that work, never deep in a reply.
+`Llama` keeps its context (`_ctx`), its batch (`_batch`), its sampler chain builder
+(`_init_sampler`) and the tokens in its KV cache (`input_ids`, `n_tokens`) as private
+attributes, and builds its model parameters from `llama_model_default_params()` with no
+argument for some of them. The engine needs all of these; they are checked here at import,
+so an upgrade of llama-cpp-python that changes them fails with one line naming the versions
+that work, never deep in a reply.
 """
 
 from __future__ import annotations
@@ -24,8 +25,7 @@ from starling_local.errors import StarlingError
 #: The llama-cpp-python releases whose private attributes this module was written against.
 SUPPORTED = ">=0.3.36,<0.4"
 
-_LLAMA_INIT_ATTRIBUTES = ("_ctx", "n_tokens", "input_ids")
-_LLAMA_GENERATE_ATTRIBUTES = ("_requires_eval", "n_tokens")
+_LLAMA_INIT_ATTRIBUTES = ("_ctx", "_batch", "n_tokens", "input_ids")
 _LOW_LEVEL = (
     "llama_model_default_params",
     "llama_get_memory",
@@ -48,12 +48,12 @@ def missing_parts(llama_class: Any = None, module: Any = None) -> list[str]:
     llama_class = llama_class or llama_cpp.Llama
     module = module or low
     init_names = set(llama_class.__init__.__code__.co_names)
-    generate_names = set(llama_class.generate.__code__.co_names)
     missing = [f"Llama.{a}" for a in _LLAMA_INIT_ATTRIBUTES if a not in init_names]
-    missing += [f"Llama.{a}" for a in _LLAMA_GENERATE_ATTRIBUTES if a not in generate_names]
     missing += [name for name in _LOW_LEVEL if not hasattr(module, name)]
     if not hasattr(llama_cpp._internals.LlamaContext, "kv_cache_seq_rm"):
         missing.append("LlamaContext.kv_cache_seq_rm")
+    if not hasattr(llama_class, "_init_sampler"):
+        missing.append("Llama._init_sampler")
     return missing
 
 
@@ -105,6 +105,11 @@ def cached_tokens(llm: Any) -> list[int]:
     return [int(t) for t in llm.input_ids[: llm.n_tokens]]
 
 
+def n_cached(llm: Any) -> int:
+    """How many tokens the KV cache holds."""
+    return int(llm.n_tokens)
+
+
 def clear_cache(llm: Any) -> None:
     """Empty the KV cache."""
     llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(context_pointer(llm)), True)
@@ -147,5 +152,46 @@ def restore_state(llm: Any, tokens: Sequence[int], data: bytearray) -> bool:
     n = len(tokens)
     llm.input_ids[:n] = list(tokens)
     llm.n_tokens = n
-    llm._requires_eval = True  # the logits are not those of the last cached token
     return True
+
+
+def decode(llm: Any, tokens: Sequence[int], outputs: int = 1) -> None:
+    """Evaluate `tokens` after the cached ones in one `llama_decode`, with logits for the last
+    `outputs` of them (read them with `sample(llm, sampler, i)`, i = the token's index here)."""
+    n_past = int(llm.n_tokens)
+    n = len(tokens)
+    llm._ctx.kv_cache_seq_rm(-1, n_past, -1)
+    batch = llm._batch.batch
+    batch.n_tokens = n
+    first_output = n - outputs
+    for i, token in enumerate(tokens):
+        batch.token[i] = token
+        batch.pos[i] = n_past + i
+        batch.seq_id[i][0] = 0
+        batch.n_seq_id[i] = 1
+        batch.logits[i] = i >= first_output
+    llm._ctx.decode(llm._batch)
+    llm.input_ids[n_past : n_past + n] = tokens
+    llm.n_tokens = n_past + n
+
+
+def max_batch(llm: Any) -> int:
+    """The most tokens one `decode` call takes."""
+    return int(llm.n_batch)
+
+
+def make_sampler(
+    llm: Any, *, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float
+) -> Any:
+    """llama-cpp-python's sampler chain, exactly as `Llama.generate` builds it (penalties, then
+    greedy at temperature 0, else top-k, typical, top-p, min-p, temperature, and a draw seeded
+    by `Llama.set_seed`); close it with `.close()`."""
+    return llm._init_sampler(
+        top_k=top_k, top_p=top_p, min_p=min_p, temp=temperature, repeat_penalty=repeat_penalty
+    )
+
+
+def sample(llm: Any, sampler: Any, index: int) -> int:
+    """Sample from the logits of the `index`-th token of the last `decode` (the sampler then
+    counts the token as chosen, for its penalties)."""
+    return int(sampler.sample(llm._ctx, index))

@@ -11,11 +11,13 @@ import contextlib
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from starling_local.engine.batch_cost import BatchCost
+from starling_local.engine.lookup import MAX_DRAFT, DraftPolicy, LookupDrafter
 from starling_local.errors import StarlingError
 from starling_local.gguf.info import GGUFInfo, check_runnable
 from starling_local.llamacpp.system import (
@@ -34,6 +36,22 @@ or stop string the caller asked for; `length`: the token budget or the window ra
 
 #: Prompt tokens evaluated per `llama_decode` call, with a cancel check between calls.
 PREFILL_CHUNK = 256
+
+#: KV cache element types offered (llama.cpp's ggml type ids); q8_0 halves the cache and the
+#: KV state files, and needs flash attention.
+KV_TYPES = {"f16": 1, "q8_0": 8}
+
+
+@dataclass(frozen=True)
+class AttentionChoice:
+    flash_attn: bool
+    kv_type: str
+
+
+def default_attention(backend_name: str) -> AttentionChoice:
+    """Flash attention and KV cache type per backend (see the long-context benchmark)."""
+    return AttentionChoice(flash_attn=True, kv_type="f16")
+
 
 #: llama.cpp's "pick a random seed" value.
 RANDOM_SEED = 0xFFFFFFFF
@@ -93,6 +111,14 @@ class GenerationStats:
     ttft_s: float = 0.0
     decode_s: float = 0.0
     stop_reason: StopReason = "end_of_turn"
+    draft_tokens: int = 0
+    """Tokens proposed by speculative decoding (lookup in the conversation) and verified."""
+    accepted_tokens: int = 0
+    """Of those, the ones the model agreed with (each saved one decoding step)."""
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -110,6 +136,8 @@ class GenerationStats:
             "ttft_s": round(self.ttft_s, 6),
             "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
             "stop_reason": self.stop_reason,
+            "draft_tokens": self.draft_tokens,
+            "accepted_tokens": self.accepted_tokens,
         }
 
 
@@ -185,8 +213,14 @@ class Engine:
         log_path: Path | None = None,
         vocab_only: bool = False,
         on_progress: Callable[[float], None] | None = None,
+        speculate: bool = True,
+        starling: bool = True,
+        flash_attn: bool | None = None,
+        kv_type: str | None = None,
     ) -> None:
-        self.info: GGUFInfo = check_runnable(model_path)
+        """`starling=False` runs another llama-architecture GGUF as its file says (its own eos
+        and chat template, see `render_chat`): for benchmarks that need a trained model."""
+        self.info: GGUFInfo = check_runnable(model_path, starling=starling)
         self.path = self.info.path
         self.model_key = model_key(self.path)
         # `_context` guards the llama.cpp context (its KV cache): held by a generation for its
@@ -209,9 +243,17 @@ class Engine:
         if n_gpu_layers is None:
             n_gpu_layers = -1 if offload else 0
         self.n_threads = n_threads or physical_cores()
+        choice = default_attention(self.backend)
+        self.flash_attn = choice.flash_attn if flash_attn is None else flash_attn
+        self.kv_type = kv_type or choice.kv_type
+        if self.kv_type not in KV_TYPES:
+            choices = ", ".join(KV_TYPES)
+            raise EngineError(f"KV cache type {self.kv_type!r}: choose one of {choices}")
+        if self.kv_type != "f16" and not self.flash_attn:
+            raise EngineError(f"a {self.kv_type} KV cache needs flash attention")
         trained = int(self.info.context_length or DEFAULT_CTX)
         overrides: dict[str, bool | int | float | str] = {}
-        if self.info.eos_id != END_OF_TURN_ID:
+        if starling and self.info.eos_id != END_OF_TURN_ID:
             # Many third-party Starling GGUFs say eos 2 (`</s>`); the model ends turns with 32000.
             overrides["tokenizer.ggml.eos_token_id"] = END_OF_TURN_ID
         defaults: dict[str, Any] = {} if extra_buffers_enabled() else {"use_extra_bufts": False}
@@ -231,9 +273,9 @@ class Engine:
                     n_threads=self.n_threads,
                     n_threads_batch=self.n_threads,
                     n_gpu_layers=n_gpu_layers,
-                    # llama.cpp's own default ("auto") turns it on for CPU, Metal and CUDA alike;
-                    # here it decoded a 0.5B model 17% faster on 2 CPU cores.
-                    flash_attn=True,
+                    flash_attn=self.flash_attn,
+                    type_k=KV_TYPES[self.kv_type],
+                    type_v=KV_TYPES[self.kv_type],
                     use_mmap=True,
                     verbose=False,
                     kv_overrides=overrides or None,
@@ -248,7 +290,17 @@ class Engine:
             # The first decode of a process pays for page-faulting the weights and setting up
             # compute graphs: better at load time (in the background) than in the first reply.
             adapter.warm_up(self._llm)
-        self._stop_ids = frozenset({END_OF_TURN_ID, EOS_ID, int(self._llm.token_eos())})
+        ends = {END_OF_TURN_ID, EOS_ID} if starling else {self.info.eot_id}
+        self._stop_ids = frozenset(
+            {int(self._llm.token_eos()), *(int(t) for t in ends if t is not None)}
+        )
+        self.speculate = speculate
+        """Verify tokens drafted from the conversation itself in each decoding step (exact:
+        the reply is the same token for token; faster where the reply repeats its context)."""
+        self._cost: BatchCost | None = None
+        self._policy: DraftPolicy | None = None
+        if speculate and not vocab_only:
+            self._draft_policy(self._llm)
 
     @property
     def closed(self) -> bool:
@@ -288,6 +340,26 @@ class Engine:
         with self._model:
             data = self._open_llm().detokenize(list(tokens), special=True)
         return bytes(data).decode("utf-8", errors="replace")
+
+    def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
+        """The prompt tokens of `messages` in the file's own chat template (for models that
+        are not Starling; Starling's turns are built token-exactly by `chat.template`)."""
+        import jinja2
+        import jinja2.sandbox
+
+        with self._model:
+            llm = self._open_llm()
+            template = llm.metadata.get("tokenizer.chat_template")
+            if not template:
+                raise EngineError(f"{self.path}: the file has no chat template")
+            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            try:
+                text = env.from_string(template).render(
+                    messages=list(messages), add_generation_prompt=True, bos_token="", eos_token=""
+                )
+            except jinja2.TemplateError as exc:
+                raise EngineError(f"{self.path}: its chat template failed: {exc}") from exc
+            return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
 
     @property
     def vocab_size(self) -> int:
@@ -366,9 +438,9 @@ class Engine:
         reply: bool,
     ) -> Iterator[str]:
         stats = stream.stats
-        cached = self._cached_prefix(tokens)
-        # llama-cpp-python re-evaluates the last token when the whole prompt is cached.
-        stats.prompt_evaluated = len(tokens) - min(cached, len(tokens) - 1)
+        # The last prompt token is always evaluated again: its logits give the first token.
+        reuse = min(self._cached_prefix(tokens), len(tokens) - 1)
+        stats.prompt_evaluated = len(tokens) - reuse
         budget = min(params.max_tokens, self.n_ctx - len(tokens))
         decoder = self.reply_decoder(strip=reply)
         end_ids = frozenset() if params.ignore_eos else self._stop_ids
@@ -378,17 +450,20 @@ class Engine:
         stats.stop_reason = "length"
         if budget <= 0:
             return
-        if not self._prefill(llm, tokens, cached, cancel):
+        self._adapter.truncate_cache(llm, reuse)
+        if not self._prefill(llm, tokens[reuse:-1], cancel):
             stats.stop_reason = "cancelled"
             return
-        generator = llm.generate(
-            tokens,
+        policy = self._draft_policy(llm) if self.speculate else None
+        sampler = self._adapter.make_sampler(
+            llm,
+            temperature=params.temperature,
             top_k=params.top_k,
             top_p=params.top_p,
             min_p=params.min_p,
-            temp=params.temperature,
             repeat_penalty=params.repeat_penalty,
         )
+        generator = self._tokens(llm, sampler, tokens, budget, policy, stats)
         try:
             for token in generator:
                 now = time.perf_counter()
@@ -414,21 +489,121 @@ class Engine:
                     break
         finally:
             generator.close()
+            sampler.close()
         tail = decoder.flush()
         if tail:
             yield tail
 
-    def _prefill(self, llm: Any, tokens: list[int], cached: int, cancel: threading.Event) -> bool:
-        """Evaluate a long uncached prompt a chunk at a time, checking `cancel` between chunks
-        (a client that went away stops a long prompt evaluation too); False if cancelled. The
-        last token is left to the sampling loop, which needs its logits."""
-        if len(tokens) - 1 - cached <= PREFILL_CHUNK:
-            return not cancel.is_set()
-        self._adapter.truncate_cache(llm, cached)
-        for start in range(cached, len(tokens) - 1, PREFILL_CHUNK):
+    def _tokens(
+        self,
+        llm: Any,
+        sampler: Any,
+        prompt: list[int],
+        budget: int,
+        policy: DraftPolicy | None,
+        stats: GenerationStats,
+    ) -> Generator[int, None, None]:
+        """The model's tokens after `prompt` (all but its last token already evaluated).
+
+        With a `policy`, each step may verify drafted tokens (copied from earlier in the
+        conversation) in the same batch as the pending token: the model's own choice is sampled
+        at every position, drafts are kept while they equal it, and the first differing choice
+        ends the step. Every token is thus sampled exactly as plain decoding samples it (same
+        sampler, one draw per token), and the rejected tail leaves the KV cache."""
+        adapter = self._adapter
+        drafter = LookupDrafter(prompt) if policy is not None else None
+        if policy is not None:
+            policy.new_reply()
+        pending = prompt[-1]
+        emitted = 0
+        limit = min(MAX_DRAFT, adapter.max_batch(llm) - 1)
+        while True:
+            drafted: tuple[int, ...] = ()
+            match = 0
+            room = min(limit, budget - emitted - 1)
+            if drafter is not None and policy is not None and room > 0:
+                draft = drafter.draft(room)
+                if draft is not None:
+                    match = draft.match
+                    drafted = draft.tokens[: policy.length(match, len(draft.tokens))]
+            n_past = adapter.n_cached(llm)
+            adapter.decode(llm, [pending, *drafted], outputs=1 + len(drafted))
+            out: list[int] = []
+            for i in range(len(drafted) + 1):
+                token = adapter.sample(llm, sampler, i)
+                out.append(token)
+                if i == len(drafted) or token != drafted[i]:
+                    break
+            accepted = len(out) - 1
+            if drafted:
+                adapter.truncate_cache(llm, n_past + 1 + accepted)
+                stats.draft_tokens += len(drafted)
+                stats.accepted_tokens += accepted
+                assert policy is not None
+                policy.record(match, len(drafted), accepted)
+            if drafter is not None:
+                drafter.extend(out)
+            emitted += len(out)
+            yield from out
+            pending = out[-1]
+
+    def _draft_policy(self, llm: Any) -> DraftPolicy:
+        """The drafting policy, from this machine's batch-cost curve for this model (measured
+        once, then read from the cache directory)."""
+        if self._policy is None:
+            self._policy = DraftPolicy(self._measured_cost(llm).relative())
+        return self._policy
+
+    def _measured_cost(self, llm: Any, fresh: bool = False) -> BatchCost:
+        from starling_local.engine import batch_cost
+
+        if self._cost is not None:
+            return self._cost
+        path = get_paths().cache / "batch-cost.json"
+        key = batch_cost.cache_key(
+            self.model_key,
+            (
+                self.backend,
+                self.n_threads,
+                self.n_gpu_layers,
+                self.flash_attn,
+                self.kv_type,
+                self._adapter.version(),
+            ),
+        )
+        cost = None if fresh else batch_cost.load_cached(path, key)
+        if cost is None:
+            cached = self._adapter.cached_tokens(llm)
+            cost = batch_cost.measure(llm, self._adapter)
+            if cached:  # measuring emptied the cache
+                self._adapter.clear_cache(llm)
+            batch_cost.save_cached(path, key, cost)
+        self._cost = cost
+        return cost
+
+    def use_batch_cost(self, cost: BatchCost) -> None:
+        """Draft as if decoding cost `cost` (tests and benchmarks: "what if the machine's
+        curve were flat"); the acceptance seen so far is forgotten."""
+        with self._context:
+            self._cost = cost
+            self._policy = None
+
+    def batch_cost(self, fresh: bool = False) -> BatchCost:
+        """This machine's cost of one `llama_decode` of k tokens for this model (k = 1, 2, 4,
+        8, 16); measured on first use (or now, if `fresh`), then cached per machine and model."""
+        with self._context:
+            if fresh:
+                self._cost, self._policy = None, None
+            return self._measured_cost(self._open_llm(), fresh)
+
+    def _prefill(self, llm: Any, tokens: list[int], cancel: threading.Event) -> bool:
+        """Evaluate `tokens` after the cached ones a chunk at a time, checking `cancel` between
+        chunks (a client that went away stops a long prompt evaluation too); False if
+        cancelled."""
+        for start in range(0, len(tokens), PREFILL_CHUNK):
             if cancel.is_set():
                 return False
-            llm.eval(tokens[start : min(start + PREFILL_CHUNK, len(tokens) - 1)])
+            self._adapter.decode(llm, tokens[start : start + PREFILL_CHUNK], outputs=0)
         return not cancel.is_set()
 
     # --- KV state in memory --------------------------------------------------------------------

@@ -213,15 +213,16 @@ def read_gguf(path: str | Path) -> GGUFInfo:
     )
 
 
-def check_runnable(path: str | Path) -> GGUFInfo:
-    """`read_gguf`, and refuse architectures and vocabularies that are not Starling's family."""
+def check_runnable(path: str | Path, *, starling: bool = True) -> GGUFInfo:
+    """`read_gguf`, and refuse architectures (and, with `starling`, vocabularies) that are not
+    Starling's family."""
     info = read_gguf(path)
     if info.architecture not in SUPPORTED_ARCHITECTURES:
         raise GGUFError(
             f"{info.path}: architecture {info.architecture!r} is not supported "
             f"(starling-local runs Starling/Mistral-family 'llama' GGUFs)"
         )
-    if info.vocab_size <= END_OF_TURN_ID:
+    if starling and info.vocab_size <= END_OF_TURN_ID:
         raise GGUFError(
             f"{info.path}: vocabulary of {info.vocab_size} tokens has no <|end_of_turn|>: "
             "not a Starling/OpenChat model"

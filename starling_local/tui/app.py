@@ -35,6 +35,11 @@ COMMANDS = (
     ("Export conversation", "Write it as Markdown and JSON", "export"),
     ("Search conversations", "Full-text search of titles and messages", "search"),
     ("Models", "Download, use, make default or delete models", "models"),
+    (
+        "Speculative decoding on/off",
+        "Verify drafts copied from the conversation: the same reply, faster where it repeats",
+        "toggle_speculate",
+    ),
     ("Attach a file", "Put a text file into your message as a code block", "attach_file"),
     (
         "Import conversations",
@@ -96,6 +101,8 @@ class StarlingApp(App[None]):
         from starling_local.engine.runtime import EngineClosedError
 
         spec = replace(self.engine_spec, model=model, remote=None) if model else self.engine_spec
+        if load_config().get("speculate") is False:
+            spec = replace(spec, speculate=False)
         engine, name = open_engine(spec, on_progress)
         swapped = (
             self.service.swap_engine(engine, name)

@@ -15,6 +15,7 @@ from textual.screen import Screen
 
 from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Mode
+from starling_local.config import load_config, save_config
 from starling_local.errors import StarlingError
 from starling_local.store.models import Conversation
 from starling_local.tui.messages import ServiceDone, ServiceFailed
@@ -168,6 +169,14 @@ class ConversationCommands(Screen[None]):
         if note:
             self.notify(note)
         self.update_context()
+
+    def action_toggle_speculate(self) -> None:
+        engine = self.service.engine
+        enabled = not load_config().get("speculate", True)
+        save_config(speculate=enabled)
+        if engine is not None and hasattr(engine, "speculate"):
+            engine.speculate = enabled
+        self.notify(f"Speculative decoding {'on' if enabled else 'off'}")
 
     def action_toggle_mode(self) -> None:
         mode = Mode.CODE if self.settings.mode is Mode.CHAT else Mode.CHAT

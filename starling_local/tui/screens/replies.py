@@ -99,7 +99,11 @@ class ReplyStreaming(ConversationCommands):
         self.generating = False
         self.reply_view = None
         tps = outcome.stats.decode_tokens_per_s if outcome else 0.0
-        self.status.set(state="", speed=f"{tps:.1f} tok/s" if tps else "")
+        speed = f"{tps:.1f} tok/s" if tps else ""
+        if outcome is not None and outcome.stats.draft_tokens:
+            st = outcome.stats
+            speed += f", drafts {st.accepted_tokens}/{st.draft_tokens} accepted"
+        self.status.set(state="", speed=speed)
         self.render_lag_s = time.perf_counter() - message.generated_at
         if self.cid is not None:
             self.conversation = self.service.get(self.cid)

@@ -1,0 +1,193 @@
+"""Speculative (prompt-lookup) decoding against plain decoding on a real model, and the
+batch-cost curves that decide whether drafting pays."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from starling_local.bench.prompts import BenchPrompt
+from starling_local.engine.batch_cost import BatchCost
+from starling_local.engine.lookup import best_draft
+from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.gguf.info import read_gguf
+
+#: Starling's vocabulary: 32,000 Mistral tokens, `<|end_of_turn|>` and `<|pad_0|>`.
+_STARLING_VOCAB = 32002
+
+
+@dataclass
+class PromptRun:
+    title: str
+    grounded: bool
+    tokens: int
+    plain_s: float
+    speculative_s: float
+    plain_tokens_per_s: float
+    speculative_tokens_per_s: float
+    speedup: float
+    draft_tokens: int
+    accepted_tokens: int
+    acceptance: float
+    identical: bool
+    first_difference: int | None
+
+
+def prompt_tokens(engine: Engine, prompt: BenchPrompt, starling: bool) -> list[int]:
+    if not starling:
+        return engine.render_chat(list(prompt.messages))
+    from starling_local.chat.session import build_prompt
+    from starling_local.chat.template import Message, Role
+
+    roles: dict[str, Role] = {"system": "system", "user": "user", "assistant": "assistant"}
+    messages = [Message(roles[m["role"]], m["content"]) for m in prompt.messages]
+    return build_prompt(engine, messages).tokens
+
+
+def _timed(engine: Engine, tokens: list[int], max_tokens: int) -> tuple[list[int], float, Any]:
+    engine.clear_cache()  # both runs evaluate the whole prompt
+    stream = engine.generate(tokens, SamplingParams(temperature=0.0, max_tokens=max_tokens))
+    start = time.perf_counter()
+    stream.consume()
+    return stream.token_ids, time.perf_counter() - start, stream.stats
+
+
+def run_prompt(
+    engine: Engine, prompt: BenchPrompt, tokens: list[int], max_tokens: int
+) -> PromptRun:
+    """Plain then speculative greedy decoding of one prompt (each from an empty cache)."""
+    engine.speculate = False
+    plain_ids, plain_s, _ = _timed(engine, tokens, max_tokens)
+    engine.speculate = True
+    spec_ids, spec_s, stats = _timed(engine, tokens, max_tokens)
+    diff = next(
+        (i for i, (a, b) in enumerate(zip(plain_ids, spec_ids, strict=False)) if a != b),
+        None if len(plain_ids) == len(spec_ids) else min(len(plain_ids), len(spec_ids)),
+    )
+    return PromptRun(
+        title=prompt.title,
+        grounded=prompt.grounded,
+        tokens=len(plain_ids),
+        plain_s=plain_s,
+        speculative_s=spec_s,
+        plain_tokens_per_s=len(plain_ids) / plain_s,
+        speculative_tokens_per_s=len(spec_ids) / spec_s,
+        speedup=plain_s / spec_s,
+        draft_tokens=stats.draft_tokens,
+        accepted_tokens=stats.accepted_tokens,
+        acceptance=stats.acceptance,
+        identical=diff is None,
+        first_difference=diff,
+    )
+
+
+def _totals(runs: list[PromptRun]) -> dict[str, Any]:
+    drafted = sum(r.draft_tokens for r in runs)
+    accepted = sum(r.accepted_tokens for r in runs)
+    plain = sum(r.plain_s for r in runs)
+    spec = sum(r.speculative_s for r in runs)
+    tokens = sum(r.tokens for r in runs)
+    return {
+        "prompts": len(runs),
+        "tokens": tokens,
+        "plain_tokens_per_s": tokens / plain if plain else 0.0,
+        "speculative_tokens_per_s": tokens / spec if spec else 0.0,
+        "speedup": plain / spec if spec else 0.0,
+        "acceptance": accepted / drafted if drafted else 0.0,
+        "accepted_share": accepted / tokens if tokens else 0.0,
+        "identical": all(r.identical for r in runs),
+        "identical_prompts": sum(r.identical for r in runs),
+    }
+
+
+def speculative_figures(
+    path: Path,
+    prompts: list[BenchPrompt],
+    *,
+    max_tokens: int = 256,
+    n_gpu_layers: int | None = None,
+    custom: bool = False,
+) -> dict[str, Any]:
+    """Every prompt plain and speculative; totals over the grounded ones (and the open ones
+    apart, unless the set is the user's own: then the grounded ones are the total)."""
+    starling = read_gguf(path).vocab_size == _STARLING_VOCAB
+    engine = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers, starling=starling)
+    try:
+        cost = engine.batch_cost(fresh=True)
+        runs = [
+            run_prompt(engine, p, prompt_tokens(engine, p, starling), max_tokens) for p in prompts
+        ]
+        figures: dict[str, Any] = {
+            "model": str(path),
+            "backend": engine.backend,
+            "threads": engine.n_threads,
+            "flash_attn": engine.flash_attn,
+            "max_tokens": max_tokens,
+            "batch_cost": cost.as_dict(),
+            "runs": [asdict(r) for r in runs],
+        }
+    finally:
+        engine.close()
+    grounded = [r for r in runs if r.grounded]
+    figures.update(_totals(grounded or runs))
+    if not custom:
+        figures["open"] = _totals([r for r in runs if not r.grounded])
+    return figures
+
+
+def curve_figures(path: Path, n_gpu_layers: int | None = None) -> dict[str, Any]:
+    """The batch-cost curve of one model, measured now."""
+    engine = Engine(path, n_ctx=512, n_gpu_layers=n_gpu_layers, speculate=False)
+    try:
+        return engine.batch_cost(fresh=True).as_dict() | {"backend": engine.backend}
+    finally:
+        engine.close()
+
+
+def expected_speedups(
+    curve: dict[str, Any], acceptances: tuple[float, ...]
+) -> list[dict[str, Any]]:
+    """For each per-token acceptance: the best draft length on this curve and its speedup."""
+    cost = BatchCost(tuple(ms / 1000 for ms in curve["ms"])).relative()
+    rows = []
+    for p in acceptances:
+        k, gain = best_draft(p, cost)
+        rows.append({"acceptance": p, "draft": k, "speedup": round(gain, 3)})
+    return rows
+
+
+def format_speculative(f: dict[str, Any]) -> list[str]:
+    lines = [
+        "",
+        f"speculative decoding (prompt lookup), {Path(f['model']).name}, {f['backend']}, "
+        f"greedy, up to {f['max_tokens']} tokens",
+        "  batch cost k="
+        + "/".join(map(str, f["batch_cost"]["k"]))
+        + ": "
+        + " / ".join(f"{ms:.1f}" for ms in f["batch_cost"]["ms"])
+        + " ms",
+        "  prompt                                                        tokens  plain tok/s"
+        "  spec tok/s  speedup  accepted/drafted  identical",
+    ]
+    for r in f["runs"]:
+        mark = "" if r["grounded"] else " (open)"
+        lines.append(
+            f"  {(r['title'] + mark)[:60]:<60}  {r['tokens']:>6}  {r['plain_tokens_per_s']:>11.1f}"
+            f"  {r['speculative_tokens_per_s']:>10.1f}  {r['speedup']:>7.2f}"
+            f"  {r['accepted_tokens']:>8}/{r['draft_tokens']:<8}"
+            f"  {'yes' if r['identical'] else 'NO'}"
+        )
+    lines.append(
+        f"  grounded: speedup {f['speedup']:.3f}, acceptance {f['acceptance']:.2f}, "
+        f"{f['accepted_share']:.0%} of tokens drafted, identical {f['identical_prompts']}/"
+        f"{f['prompts']}"
+    )
+    if "open" in f and f["open"]["prompts"]:
+        o = f["open"]
+        lines.append(
+            f"  open-ended: speedup {o['speedup']:.3f}, acceptance {o['acceptance']:.2f}, "
+            f"identical {o['identical_prompts']}/{o['prompts']}"
+        )
+    return lines

@@ -29,7 +29,9 @@ start() {
   date; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
-  cp .devsrc/tokenizer.model.v1 .devsrc/smol.part.aa /tmp/dev/
+  cp .devsrc/tokenizer.model.v1 /tmp/dev/
+  [ -f /tmp/dev/smol.gguf ] || cp .devsrc/smol.part.aa /tmp/dev/
+  rm -rf /tmp/dev/llama-cpp-python /tmp/dev/built /tmp/dev/ready
   tar xJf .devsrc/lcp.tar.xz -C /tmp/dev || exit 1
   cp scripts/cuda_speculative.sh /tmp/dev/job.sh
   rm -rf /tmp/dev/repo && mkdir -p /tmp/dev/repo && cp -r starling_local /tmp/dev/repo/
@@ -47,7 +49,7 @@ background() {
   export PYTHONPATH=/tmp/site:/tmp/dev/repo
   mkdir -p /tmp/sh/cache/bench
   for shape in 7b 0.5b; do  # F16 needs numpy/gguf only: written while the compiler runs
-    python3 -c "
+    [ -f /tmp/sh/cache/bench/synthetic-$shape-f16.gguf ] || python3 -c "
 from pathlib import Path
 from starling_local.acquire.synthetic import SHAPES, make_gguf
 make_gguf(Path('/tmp/sh/cache/bench/synthetic-$shape-f16.gguf'), SHAPES['$shape'])"
@@ -66,7 +68,9 @@ for shape in ('7b', '0.5b'):
 }
 
 run() {
-  cat .devsrc2/smol.part.ab >> /tmp/dev/smol.part.aa && mv /tmp/dev/smol.part.aa /tmp/dev/smol.gguf
+  if [ ! -f /tmp/dev/smol.gguf ]; then
+    cat .devsrc2/smol.part.ab >> /tmp/dev/smol.part.aa && mv /tmp/dev/smol.part.aa /tmp/dev/smol.gguf
+  fi
   ls -la /tmp/dev/smol.gguf
   for _ in $(seq 1 100); do
     [ -f /tmp/dev/ready ] && break

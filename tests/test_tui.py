@@ -101,14 +101,13 @@ async def test_send_streams_a_reply_and_saves_it(
 
 
 async def test_escape_stops_and_keeps_the_partial_reply(
-    tiny_q4: Path, store: ConversationStore
+    talker_gguf: Path, store: ConversationStore
 ) -> None:
-    app = StarlingApp(model=str(tiny_q4), store=store, n_ctx=4096)
+    app = StarlingApp(model=str(talker_gguf), store=store, n_ctx=4096)
     async with app.run_test(size=SIZE) as pilot:
         s = await ready(pilot, app)
-        # A reply that runs to the end of the 4096-token window unless stopped (the random
-        # model does not end its turns).
-        s.settings = s.settings.with_sampling(max_tokens=4096)
+        # A reply that runs to the end of the 4096-token window unless stopped.
+        s.settings = s.settings.with_sampling(max_tokens=4096, temperature=0.0)
         s.query_one("#input", TextArea).text = "Go on and on"
         await pilot.press("enter")
         await until(pilot, lambda: s.reply_view is not None and bool(s.reply_view.markdown.source))
@@ -216,13 +215,13 @@ async def test_no_model_says_how_to_get_one(store: ConversationStore) -> None:
         assert store.conversations() == []  # nothing half-saved without a model
 
 
-async def test_quit_while_a_reply_streams(tiny_q4: Path, store: ConversationStore) -> None:
+async def test_quit_while_a_reply_streams(talker_gguf: Path, store: ConversationStore) -> None:
     """Ctrl+Q mid-reply: the reply stops, is saved marked stopped, then llama.cpp is freed
     (closing it under the generating thread was a SIGSEGV)."""
-    app = StarlingApp(model=str(tiny_q4), store=store, n_ctx=4096)
+    app = StarlingApp(model=str(talker_gguf), store=store, n_ctx=4096)
     async with app.run_test(size=SIZE) as pilot:
         s = await ready(pilot, app)
-        s.settings = s.settings.with_sampling(max_tokens=4000)
+        s.settings = s.settings.with_sampling(max_tokens=4000, temperature=0.0)
         s.query_one("#input", TextArea).text = "Go on and on"
         await pilot.press("enter")
         await until(pilot, lambda: s.reply_view is not None and bool(s.reply_view.markdown.source))

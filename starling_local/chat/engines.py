@@ -23,8 +23,9 @@ class EngineSpec:
     remote_kind: str = "auto"
     remote_model: str | None = None
     remote_api_key: str | None = None
-    speculate: bool = True
-    """Speculative decoding with drafts looked up in the conversation (exact; see the engine)."""
+    speculate: bool | None = None
+    """Speculative decoding with drafts looked up in the conversation (None: off, or the
+    app's saved choice; see `engine.runtime.Engine.speculate`)."""
 
     def with_env(self) -> EngineSpec:
         """Fill what was not given from `STARLING_REMOTE` and `STARLING_REMOTE_API_KEY`."""
@@ -61,6 +62,6 @@ def open_engine(
         n_threads=spec.n_threads,
         n_gpu_layers=spec.n_gpu_layers,
         on_progress=on_progress,
-        speculate=spec.speculate,
+        speculate=bool(spec.speculate),
     )
     return engine, display_name(engine.path)

@@ -33,11 +33,12 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         help="layers to offload to the GPU (default: all when the build supports it)",
     )
     group.add_argument(
-        "--no-speculate",
-        dest="speculate",
-        action="store_false",
-        help="no speculative decoding (drafts looked up in the conversation, verified by the "
-        "model: the same reply, faster where it repeats its context)",
+        "--speculate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="speculative decoding: tokens drafted from the conversation, verified by the model "
+        "in one batch (the same reply, faster where it repeats its context: code edits, "
+        "quotes, reformatting; turns flash attention on; default: off)",
     )
 
 
@@ -74,7 +75,7 @@ def engine_spec(args: argparse.Namespace, model: str | None = None) -> Any:
         remote_kind=getattr(args, "remote_kind", "auto"),
         remote_model=getattr(args, "remote_model", None),
         remote_api_key=getattr(args, "remote_api_key", None),
-        speculate=getattr(args, "speculate", True),
+        speculate=getattr(args, "speculate", None),
     ).with_env()
 
 

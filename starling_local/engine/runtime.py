@@ -48,9 +48,18 @@ class AttentionChoice:
     kv_type: str
 
 
-def default_attention(backend_name: str) -> AttentionChoice:
-    """Flash attention and KV cache type per backend (see the long-context benchmark)."""
-    return AttentionChoice(flash_attn=True, kv_type="f16")
+def default_attention(backend_name: str, speculate: bool) -> AttentionChoice:
+    """Flash attention and KV cache type, chosen from `starling bench --long-context`.
+
+    CPU: flash attention off, for long conversations: decode at depth 2,048 / 4,096 / 7,936
+    ran 1.34x / 1.55x / 1.81x faster without it (0.5B shape, 2 cores; the 7B shape at 2,048:
+    5.44 vs 3.92 tok/s), for 10% at depth 0. But with it off, llama.cpp computes one token's
+    logits differently from a batch's, so speculative decoding turns it on (its verified
+    batches then match single-token decoding: 12 of 12 SmolLM2 replies identical, vs 5 of
+    12). GPUs: on (CUDA, 7B: 253 vs 220 tok/s at depth 0, 184 vs 154 at 7,936). The KV cache
+    stays f16: q8_0 decoded no faster anywhere and evaluated prompts 5x slower on the CPU at
+    depth 7,936 (9.9 vs 48.8 tok/s)."""
+    return AttentionChoice(flash_attn=speculate or backend_name != "CPU", kv_type="f16")
 
 
 #: llama.cpp's "pick a random seed" value.
@@ -213,7 +222,7 @@ class Engine:
         log_path: Path | None = None,
         vocab_only: bool = False,
         on_progress: Callable[[float], None] | None = None,
-        speculate: bool = True,
+        speculate: bool = False,
         starling: bool = True,
         flash_attn: bool | None = None,
         kv_type: str | None = None,
@@ -222,7 +231,6 @@ class Engine:
         and chat template, see `render_chat`): for benchmarks that need a trained model."""
         self.info: GGUFInfo = check_runnable(model_path, starling=starling)
         self.path = self.info.path
-        self.model_key = model_key(self.path)
         # `_context` guards the llama.cpp context (its KV cache): held by a generation for its
         # whole length, and by the KV state methods. `_model` guards the model's lifetime:
         # tokenizing takes only this one, so it never waits for a generation.
@@ -243,7 +251,7 @@ class Engine:
         if n_gpu_layers is None:
             n_gpu_layers = -1 if offload else 0
         self.n_threads = n_threads or physical_cores()
-        choice = default_attention(self.backend)
+        choice = default_attention(self.backend, speculate)
         self.flash_attn = choice.flash_attn if flash_attn is None else flash_attn
         self.kv_type = kv_type or choice.kv_type
         if self.kv_type not in KV_TYPES:
@@ -251,6 +259,10 @@ class Engine:
             raise EngineError(f"KV cache type {self.kv_type!r}: choose one of {choices}")
         if self.kv_type != "f16" and not self.flash_attn:
             raise EngineError(f"a {self.kv_type} KV cache needs flash attention")
+        # KV state files and caches hold attention-specific layouts: keyed by both.
+        self.model_key = (
+            f"{model_key(self.path)}-{'fa' if self.flash_attn else 'nofa'}-{self.kv_type}"
+        )
         trained = int(self.info.context_length or DEFAULT_CTX)
         overrides: dict[str, bool | int | float | str] = {}
         if starling and self.info.eos_id != END_OF_TURN_ID:
@@ -295,11 +307,14 @@ class Engine:
             {int(self._llm.token_eos()), *(int(t) for t in ends if t is not None)}
         )
         self.speculate = speculate
-        """Verify tokens drafted from the conversation itself in each decoding step (exact:
-        the reply is the same token for token; faster where the reply repeats its context)."""
+        """Verify tokens drafted from the conversation itself in each decoding step: each token
+        is still the model's own choice (see `_tokens`); faster where the reply repeats its
+        context. Off by default: exact only with flash attention, which long conversations
+        on a CPU pay for (see `default_attention`); on a GPU not exact (llama.cpp rounds a
+        batch differently from one token there) and not faster on the models measured."""
         self._cost: BatchCost | None = None
         self._policy: DraftPolicy | None = None
-        if speculate and not vocab_only:
+        if self.speculate and not vocab_only:
             self._draft_policy(self._llm)
 
     @property

@@ -101,8 +101,9 @@ class StarlingApp(App[None]):
         from starling_local.engine.runtime import EngineClosedError
 
         spec = replace(self.engine_spec, model=model, remote=None) if model else self.engine_spec
-        if load_config().get("speculate") is False:
-            spec = replace(spec, speculate=False)
+        saved = load_config().get("speculate")
+        if spec.speculate is None and isinstance(saved, bool):  # a flag given wins
+            spec = replace(spec, speculate=saved)
         engine, name = open_engine(spec, on_progress)
         swapped = (
             self.service.swap_engine(engine, name)

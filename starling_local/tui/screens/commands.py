@@ -15,7 +15,7 @@ from textual.screen import Screen
 
 from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Mode
-from starling_local.config import load_config, save_config
+from starling_local.config import save_config
 from starling_local.errors import StarlingError
 from starling_local.store.models import Conversation
 from starling_local.tui.messages import ServiceDone, ServiceFailed
@@ -172,11 +172,16 @@ class ConversationCommands(Screen[None]):
 
     def action_toggle_speculate(self) -> None:
         engine = self.service.engine
-        enabled = not load_config().get("speculate", True)
-        save_config(speculate=enabled)
-        if engine is not None and hasattr(engine, "speculate"):
-            engine.speculate = enabled
-        self.notify(f"Speculative decoding {'on' if enabled else 'off'}")
+        if engine is None or not hasattr(engine, "speculate"):
+            self.notify("Speculative decoding needs a local model", severity="warning")
+            return
+        enabled = not engine.speculate
+        save_config(speculate=enabled)  # kept for the next start
+        self.notify(f"Speculative decoding {'on' if enabled else 'off'}: reloading the model")
+        app: Any = self.app
+        app.engine_spec = replace(app.engine_spec, speculate=enabled)
+        # It changes the attention kernels (see `Engine.speculate`): reload in the background.
+        app.switch_model(str(engine.path))
 
     def action_toggle_mode(self) -> None:
         mode = Mode.CODE if self.settings.mode is Mode.CHAT else Mode.CHAT

@@ -1,0 +1,287 @@
+"""Speculative (prompt-lookup) decoding: drafts verified by the real llama.cpp, on the tiny
+Starling model and on SmolLM2, the only trained model reachable here."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from starling_local.bench.prompts import default_prompts
+from starling_local.chat.session import start_reply
+from starling_local.chat.template import Message
+from starling_local.engine.batch_cost import SIZES, BatchCost
+from starling_local.engine.lookup import DraftPolicy, LookupDrafter, best_draft
+from starling_local.engine.runtime import Engine, SamplingParams
+from tests.cli_helpers import assert_one_line_error, starling
+
+FLAT = BatchCost((1.0,) * len(SIZES))
+"""A machine where a batch of 16 costs one token (drafting always pays): every match drafts."""
+
+#: Prompts that make the tiny model's drafter find matches (its own replies never repeat).
+TINY_PROMPTS = [
+    "the cat sat on the mat. the cat sat on the mat. the cat sat on the mat. the cat",
+    "def f(x):\n    return x + 1\n\ndef f(x):\n    return x + 1\n\nRename f to g.",
+    "1 2 3 4 5 1 2 3 4 5 1 2 3 4 5 1 2 3",
+    "Hello",
+]
+
+
+def test_the_drafter_copies_what_followed_the_longest_match() -> None:
+    #         0  1  2  3  4  5  6  7  8  9 10
+    history = [5, 1, 2, 9, 9, 7, 1, 2, 3, 4, 0, 7, 1, 2]
+    draft = LookupDrafter(history).draft(3)
+    assert draft is not None
+    assert draft.tokens == (3, 4, 0)  # "7 1 2" matched at 5-7 (3 tokens), not "1 2" at 1-2
+    assert draft.match == 3
+    assert LookupDrafter(history).draft(0) is None
+    assert LookupDrafter([1, 2, 3, 4]).draft(4) is None  # "3 4" never came before
+    grows = LookupDrafter([1, 2, 3, 1, 2])
+    assert grows.draft(5) == type(draft)((3, 1, 2), 2)  # up to the end of the history
+    grows.append(3)
+    assert grows.draft(2) == type(draft)((1, 2), 3)
+
+
+def test_the_policy_drafts_only_what_the_cost_curve_pays_for() -> None:
+    steep = BatchCost((12.0, 20.1, 34.3, 59.7, 109.0)).relative()  # SmolLM2 on this CPU
+    flat = FLAT.relative()
+    assert flat[1:17] == [1.0] * 16 and steep[2] == pytest.approx(1.675)
+    assert best_draft(0.5, flat)[0] == 15  # free verification: draft all there is
+    assert best_draft(0.5, steep) == (0, 1.0)  # half right: a batch of 2 costs 1.7 tokens
+    assert best_draft(0.98, steep)[0] >= 3
+    policy = DraftPolicy(steep)
+    assert policy.length(match=12, available=8) > 0  # a long match: likely right
+    for _ in range(20):
+        policy.record(match=12, drafted=4, accepted=0)
+    chances = [policy.length(match=12, available=8) for _ in range(16)]
+    assert 0 < sum(k > 0 for k in chances) <= 2  # off, but it keeps looking now and then
+    for _ in range(40):
+        policy.record(match=12, drafted=4, accepted=4)
+    assert policy.length(match=12, available=8) > 0  # and turns back on
+
+
+def test_relative_cost_is_interpolated_and_never_falls() -> None:
+    cost = BatchCost((10.0, 12.0, 11.0, 30.0, 50.0)).relative()
+    assert cost[1] == 1.0 and cost[2] == pytest.approx(1.2)
+    assert cost[3] == pytest.approx(1.2)  # measured 1.1 at 4: noise, not cheaper
+    assert cost[6] == pytest.approx(1.1 + (3.0 - 1.1) / 2)
+    assert cost[17] == pytest.approx(5.0 * 17 / 16)
+
+
+def _reply(
+    engine: Engine, text: str, params: SamplingParams, speculate: bool
+) -> tuple[list[int], object]:
+    """A reply to `text` after an earlier exchange (whose turn markers give the drafter
+    matches from the first token on), from an empty cache."""
+    engine.speculate = speculate
+    engine.clear_cache()
+    history = [Message("user", "Say it."), Message("assistant", text), Message("user", text)]
+    reply = start_reply(engine, history, params=params)
+    reply.stream.consume()
+    return reply.stream.token_ids, reply.stream.stats
+
+
+@pytest.fixture
+def distinct(distinct_f16: Path) -> Engine:
+    eng = Engine(distinct_f16, n_ctx=2048, speculate=True)
+    eng.use_batch_cost(FLAT)
+    yield eng  # type: ignore[misc]
+    eng.close()
+
+
+def test_greedy_speculative_replies_are_token_identical_on_the_tiny_model(
+    distinct: Engine,
+) -> None:
+    """The tiny model with no near-ties: every drafted token that is kept is the model's own
+    greedy choice, so the ids are those of plain decoding."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=200)
+    drafted = accepted = 0
+    for text in TINY_PROMPTS:
+        plain, _ = _reply(distinct, text, greedy, speculate=False)
+        fast, stats = _reply(distinct, text, greedy, speculate=True)
+        assert fast == plain, text
+        drafted += stats.draft_tokens  # type: ignore[attr-defined]
+        accepted += stats.accepted_tokens  # type: ignore[attr-defined]
+    assert 0 < accepted < drafted  # drafts were both kept and thrown away
+
+
+def test_sampling_draws_once_per_token_as_plain_decoding_does(distinct: Engine) -> None:
+    """With sampling, each position is drawn from the model's own distribution by the same
+    sampler chain, one draw per emitted token: a seeded speculative reply is the plain one
+    (but where a draw lands within rounding distance of a boundary between two tokens)."""
+    same = drafted = 0
+    seeds = range(12)
+    for seed in seeds:
+        params = SamplingParams(temperature=0.5, max_tokens=40, seed=seed, ignore_eos=True)
+        plain, _ = _reply(distinct, TINY_PROMPTS[0], params, speculate=False)
+        fast, stats = _reply(distinct, TINY_PROMPTS[0], params, speculate=True)
+        same += fast == plain
+        drafted += stats.draft_tokens  # type: ignore[attr-defined]
+    assert drafted > 0
+    assert same >= len(seeds) - 2
+
+
+def test_the_kv_cache_holds_exactly_the_kept_tokens(distinct: Engine, tmp_path: Path) -> None:
+    """Rejected drafts leave the cache: the next turn reuses it (and its saved state file) up
+    to the reply, and continues exactly as a plain engine that evaluated everything."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=120)
+    first = [Message("user", TINY_PROMPTS[1])]
+    distinct.speculate = True
+    distinct.clear_cache()
+    reply = start_reply(distinct, first, params=greedy)
+    reply.stream.consume()
+    assert reply.stream.stats.draft_tokens > reply.stream.stats.accepted_tokens > 0
+    prompt = reply.prompt.tokens
+    cached = distinct.cached_tokens
+    assert cached >= len(prompt) + len(reply.stream.token_ids) - 1
+    assert distinct.cached_prefix(prompt + reply.stream.token_ids) >= cached - 1
+    state = tmp_path / "kv.bin"
+    assert distinct.save_state(state) > 0
+
+    second = [
+        *first,
+        Message("assistant", reply.stream.text, tuple(reply.stream.token_ids)),
+        Message("user", "and again"),
+    ]
+    assert distinct.load_state(state) == cached
+    resumed = start_reply(distinct, second, params=greedy)
+    resumed.stream.consume()
+    assert resumed.stream.stats.prompt_evaluated < 20  # only the new turn
+    distinct.speculate = False
+    distinct.clear_cache()
+    fresh = start_reply(distinct, second, params=greedy)
+    fresh.stream.consume()
+    assert resumed.stream.token_ids == fresh.stream.token_ids
+
+
+def _top_gap(engine: Engine, tokens: list[int]) -> float:
+    """The gap between the two best logits after `tokens` (evaluated in one batch)."""
+    import llama_cpp
+    import numpy as np
+
+    with engine.raw_context() as ctx:
+        arr = (llama_cpp.llama_token * len(tokens))(*tokens)
+        assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(tokens))) == 0
+        logits = np.ctypeslib.as_array(
+            llama_cpp.llama_get_logits_ith(ctx, -1), shape=(engine.vocab_size,)
+        )
+        top = np.sort(logits)[-2:]
+        return float(top[1] - top[0])
+
+
+def test_a_trained_model_gets_drafts_accepted_and_the_same_reply(smollm2: Engine) -> None:
+    """SmolLM2 on input-grounded prompts: most drafted tokens are kept, and the greedy reply is
+    the plain one token for token; where it is not, the two differ first at a near-tie (the
+    best two logits within 0.1), where llama.cpp's batched and single-token arithmetic round
+    differently (plain decoding with its prompt evaluated in another split differs there too)."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=160)
+    drafted = accepted = identical = 0
+    grounded = [p for p in default_prompts() if p.grounded]
+    for prompt in grounded:
+        tokens = smollm2.render_chat(list(prompt.messages))
+        results = []
+        for speculate in (False, True):
+            smollm2.speculate = speculate
+            smollm2.clear_cache()
+            stream = smollm2.generate(tokens, greedy)
+            stream.consume()
+            results.append((stream.token_ids, stream.stats))
+        (plain, _), (fast, stats) = results
+        drafted += stats.draft_tokens
+        accepted += stats.accepted_tokens
+        if fast == plain:
+            identical += 1
+            continue
+        at = next(i for i, (a, b) in enumerate(zip(plain, fast, strict=False)) if a != b)
+        assert _top_gap(smollm2, tokens + plain[:at]) < 0.1, (prompt.title, at)
+    assert identical >= len(grounded) - 2
+    assert drafted > 300 and accepted / drafted > 0.7
+
+
+def test_ask_json_reports_drafts_and_speculation_is_opt_in(
+    distinct_f16: Path, starling_home: Path
+) -> None:
+    base = (
+        "ask",
+        TINY_PROMPTS[0],
+        "--model",
+        distinct_f16,
+        "--json",
+        "--max-tokens",
+        "64",
+        "--temperature",
+        "0",
+        "--no-save",
+    )
+    on = starling(*base, "--speculate", home=starling_home)
+    off = starling(*base, home=starling_home)  # off by default
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    a, b = json.loads(on.stdout), json.loads(off.stdout)
+    assert {"draft_tokens", "accepted_tokens"} <= set(a)
+    assert b["draft_tokens"] == 0 and b["accepted_tokens"] == 0
+    assert a["reply"] == b["reply"]
+    # The batch-cost curve was measured once, for this machine and model, and kept.
+    curves = json.loads((starling_home / "cache" / "batch-cost.json").read_text())
+    assert len(curves) == 1 and len(next(iter(curves.values()))["seconds"]) == len(SIZES)
+
+
+def test_the_batch_cost_curve_is_measured_once_per_machine_and_model(tiny_q4: Path) -> None:
+    first = Engine(tiny_q4, n_ctx=512, speculate=True)
+    curve = first.batch_cost()
+    first.close()
+    again = Engine(tiny_q4, n_ctx=512, speculate=True)
+    try:
+        assert again.batch_cost() == curve  # read back, not measured again (timings vary)
+        assert again.batch_cost(fresh=True) != curve
+    finally:
+        again.close()
+
+
+def test_bench_speculative_with_a_prompts_file(
+    smollm2_gguf: Path, tmp_path: Path, starling_home: Path
+) -> None:
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(
+        json.dumps(
+            [
+                {
+                    "messages": [
+                        {"role": "user", "content": "Repeat exactly: alpha beta gamma delta."}
+                    ],
+                    "grounded": True,
+                },
+                {"messages": [{"role": "user", "content": "Say hi."}], "grounded": False},
+            ]
+        )
+    )
+    out = tmp_path / "spec.json"
+    r = starling(
+        "bench",
+        "--speculative",
+        "--model",
+        smollm2_gguf,
+        "--prompts",
+        prompts,
+        "--tokens",
+        "64",
+        "--json",
+        out,
+        home=starling_home,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    figures = json.loads(out.read_text())["speculative"]
+    assert figures["prompts"] == 1  # the totals cover the grounded ones
+    assert len(figures["runs"]) == 2
+    assert {"speedup", "acceptance", "identical"} <= set(figures)
+    assert figures["batch_cost"]["k"] == list(SIZES)
+    assert "speedup" in r.stdout and "identical" in r.stdout
+
+    prompts.write_text('[{"messages": "hi"}]')
+    bad = starling(
+        "bench", "--speculative", "--model", smollm2_gguf, "--prompts", prompts, home=starling_home
+    )
+    assert_one_line_error(bad, 1, 'expected "messages"')
+    missing = starling("bench", "--speculative", home=starling_home)
+    assert_one_line_error(missing, 2, "--speculative needs --model")

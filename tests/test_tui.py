@@ -492,3 +492,33 @@ def test_branch_and_attached_file_snapshot(
         await pilot.pause(0.2)
 
     assert snap_compare(app, terminal_size=SIZE, run_before=attach)
+
+
+async def test_speculative_decoding_toggle_reloads_and_is_kept(
+    distinct_f16: Path, store: ConversationStore, starling_home: Path
+) -> None:
+    """The palette's toggle turns speculative decoding on (the model reloads with flash
+    attention, which makes it exact), the status shows the drafts kept, and the choice is
+    saved for the next start."""
+    from starling_local.config import load_config
+    from starling_local.engine.runtime import Engine
+
+    app = StarlingApp(model=str(distinct_f16), store=store, n_ctx=2048)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        first = app.service.engine
+        assert isinstance(first, Engine) and not first.speculate and not first.flash_attn
+        s.action_toggle_speculate()
+        await until(pilot, lambda: app.service.engine is not first and s.model_ready)
+        engine = app.service.engine
+        assert isinstance(engine, Engine) and engine.speculate and engine.flash_attn
+        assert load_config()["speculate"] is True
+        s.settings = s.settings.with_sampling(temperature=0.0, max_tokens=200)
+        await send(pilot, app, "1 2 3 4 5 1 2 3 4 5 1 2 3 4 5 1 2 3")
+        await until(pilot, lambda: "drafts" in str(s.status.render()))
+        assert "accepted" in str(s.status.render())
+    again = StarlingApp(model=str(distinct_f16), store=store, n_ctx=2048)
+    async with again.run_test(size=SIZE) as pilot:
+        await ready(pilot, again)
+        engine = again.service.engine
+        assert isinstance(engine, Engine) and engine.speculate

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from starling_local.bench.long_context import depth_figures, format_depths
+from starling_local.bench.long_context import CONFIGS, depth_figures, format_depths
 from starling_local.bench.prompts import default_prompts, load_prompts
 from starling_local.bench.speculative import (
     curve_figures,
@@ -29,6 +29,7 @@ def run_extra(
     long_context: tuple[str, ...] | None,
     depths: tuple[int, ...],
     n_gpu_layers: int | None,
+    configs: tuple[str, ...] = tuple(CONFIGS),
 ) -> dict[str, Any]:
     from starling_local.bench.runner import synthetic_model
 
@@ -46,7 +47,7 @@ def run_extra(
         )
     curves: dict[str, Any] = {}
     for shape in cost_shapes:
-        curves[shape] = curve_figures(synthetic_model(shape), n_gpu_layers)
+        curves[shape] = curve_figures(synthetic_model(shape), n_gpu_layers, tokens=min(tokens, 64))
     if speculative:
         curves[Path(figures["speculative"]["model"]).name] = figures["speculative"]["batch_cost"]
     if curves:
@@ -56,7 +57,9 @@ def run_extra(
         }
     if long_context is not None:
         figures["long_context"] = {
-            shape: depth_figures(synthetic_model(shape), depths, n_gpu_layers=n_gpu_layers)
+            shape: depth_figures(
+                synthetic_model(shape), depths, n_gpu_layers=n_gpu_layers, configs=configs
+            )
             for shape in long_context
         }
     return figures
@@ -79,6 +82,14 @@ def format_extra(f: dict[str, Any]) -> list[str]:
             ms = "/".join(f"{v:.1f}" for v in c["ms"])
             gains = "".join(f"   {e['speedup']:>5.2f}x" for e in c["expected"])
             lines.append(f"  {name[:26]:<26} {ms:<18}{gains}")
+        for name, c in f["batch_cost"].items():
+            if "no_match" in c:
+                n = c["no_match"]
+                lines.append(
+                    f"  {name}: no drafts match (random weights): speculative / plain decode "
+                    f"{n['speculative_tokens_per_s']:.1f} / {n['plain_tokens_per_s']:.1f} tok/s, "
+                    f"ratio {n['ratio']:.3f} (median of paired rounds)"
+                )
     for shape_figures in f.get("long_context", {}).values():
         lines += format_depths(shape_figures)
     return lines

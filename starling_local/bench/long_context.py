@@ -11,8 +11,9 @@ from typing import Any
 from starling_local.engine.runtime import Engine
 from starling_local.errors import UsageError
 
-#: (flash attention, KV cache type) combinations llama.cpp allows (q8_0 needs flash attention).
-CONFIGS = ((True, "f16"), (False, "f16"), (True, "q8_0"))
+#: (flash attention, KV cache type) combinations llama.cpp allows (q8_0 needs flash attention),
+#: by name.
+CONFIGS = {"fa-f16": (True, "f16"), "nofa-f16": (False, "f16"), "fa-q8_0": (True, "q8_0")}
 _CHUNK = 512
 
 
@@ -43,6 +44,7 @@ def depth_figures(
     depths: tuple[int, ...] = (0, 2048, 4096, 7936),
     tokens: int = 32,
     n_gpu_layers: int | None = None,
+    configs: tuple[str, ...] = tuple(CONFIGS),
 ) -> dict[str, Any]:
     """For each configuration: decode tokens/s after `depth` cached tokens, and prompt tokens/s
     of the last chunk of 512 before that depth."""
@@ -51,7 +53,7 @@ def depth_figures(
     rng = random.Random(0)
     filler = [rng.randrange(100, 30000) for _ in range(max(depths))]
     rows: list[dict[str, Any]] = []
-    for flash_attn, kv_type in CONFIGS:
+    for flash_attn, kv_type in (CONFIGS[name] for name in configs):
         engine = Engine(
             path,
             n_ctx=max(depths) + tokens + 64,

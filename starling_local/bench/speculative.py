@@ -120,7 +120,11 @@ def speculative_figures(
     """Every prompt plain and speculative; totals over the grounded ones (and the open ones
     apart, unless the set is the user's own: then the grounded ones are the total)."""
     starling = read_gguf(path).vocab_size == _STARLING_VOCAB
-    engine = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers, starling=starling)
+    # Constructed speculating: the attention it then uses (see `default_attention`) serves
+    # both runs, so the comparison is of the decoding alone.
+    engine = Engine(
+        path, n_ctx=4096, n_gpu_layers=n_gpu_layers, starling=starling, speculate=True
+    )
     try:
         cost = engine.batch_cost(fresh=True)
         runs = [
@@ -144,11 +148,32 @@ def speculative_figures(
     return figures
 
 
-def curve_figures(path: Path, n_gpu_layers: int | None = None) -> dict[str, Any]:
-    """The batch-cost curve of one model, measured now."""
-    engine = Engine(path, n_ctx=512, n_gpu_layers=n_gpu_layers, speculate=False)
+def curve_figures(
+    path: Path, n_gpu_layers: int | None = None, tokens: int = 64, rounds: int = 3
+) -> dict[str, Any]:
+    """The batch-cost curve of one model, measured now, and decode speed with speculation on
+    and off where drafts never match (a random-weight model): the median of `rounds` paired
+    ratios, which speculation must keep near 1."""
+    from starling_local.bench.decode import starling_decode
+
+    engine = Engine(path, n_ctx=1024, n_gpu_layers=n_gpu_layers, speculate=True)
     try:
-        return engine.batch_cost(fresh=True).as_dict() | {"backend": engine.backend}
+        figures = engine.batch_cost(fresh=True).as_dict() | {"backend": engine.backend}
+        plain: list[float] = []
+        spec: list[float] = []
+        for _ in range(rounds):
+            engine.speculate = False
+            plain.append(starling_decode(engine, tokens))
+            engine.speculate = True
+            spec.append(starling_decode(engine, tokens))
+        ratios = sorted(s / p for s, p in zip(spec, plain, strict=True))
+        figures["no_match"] = {
+            "tokens": tokens,
+            "plain_tokens_per_s": max(plain),
+            "speculative_tokens_per_s": max(spec),
+            "ratio": ratios[len(ratios) // 2],
+        }
+        return figures
     finally:
         engine.close()
 

@@ -71,6 +71,11 @@ def register(sub: Any) -> None:
         "the decoded tokens: Starling's window is 8192)",
     )
     b.add_argument(
+        "--attention",
+        default="fa-f16,nofa-f16,fa-q8_0",
+        help="comma-separated configurations for --long-context: fa-f16, nofa-f16, fa-q8_0",
+    )
+    b.add_argument(
         "--all",
         action="store_true",
         help="with --speculative/--long-context/--cost-shapes: also the other sections",
@@ -98,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
             else tuple(args.long_context or [args.shape]),
             depths=tuple(int(d) for d in args.depths.split(",")),
             n_gpu_layers=args.gpu_layers,
+            configs=attention_configs(args.attention),
         )
         if not args.all:
             print("\n".join(format_extra(extra)).strip("\n"))
@@ -122,3 +128,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         write_json(figures, args.json)
     return 0
+
+
+def attention_configs(text: str) -> tuple[str, ...]:
+    from starling_local.bench.long_context import CONFIGS
+    from starling_local.errors import UsageError
+
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown or not names:
+        raise UsageError(f"--attention: choose from {', '.join(CONFIGS)}")
+    return names

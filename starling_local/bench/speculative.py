@@ -122,9 +122,7 @@ def speculative_figures(
     starling = read_gguf(path).vocab_size == _STARLING_VOCAB
     # Constructed speculating: the attention it then uses (see `default_attention`) serves
     # both runs, so the comparison is of the decoding alone.
-    engine = Engine(
-        path, n_ctx=4096, n_gpu_layers=n_gpu_layers, starling=starling, speculate=True
-    )
+    engine = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers, starling=starling, speculate=True)
     try:
         cost = engine.batch_cost(fresh=True)
         runs = [

@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -42,6 +43,8 @@ class FakeHub:
     kill_after: dict[str, int] = field(default_factory=dict)
     """filename -> bytes after which every CDN response stops (simulates a dead network)."""
     bytes_served: dict[str, int] = field(default_factory=dict)
+    throttle: dict[str, float] = field(default_factory=dict)
+    """filename -> seconds the CDN waits after each MiB it sends (a slow network)."""
     endpoint: str = ""
     cdn: str = ""
 
@@ -172,6 +175,19 @@ def _handler(hub: FakeHub, role: str) -> type[BaseHTTPRequestHandler]:
                 limit = max(0, hub.drop_after.pop(name) - start)
             if name in hub.kill_after:
                 limit = max(0, hub.kill_after[name] - start)
+            if name in hub.throttle:
+                sent = 0
+                try:
+                    while sent < limit:
+                        chunk = body[sent : min(limit, sent + (1 << 20))]
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+                        sent += len(chunk)
+                        hub.bytes_served[name] = hub.bytes_served.get(name, 0) + len(chunk)
+                        time.sleep(hub.throttle[name])
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client went away (a cancelled download)
+                return
             self.wfile.write(body[:limit])
             hub.bytes_served[name] = hub.bytes_served.get(name, 0) + min(limit, len(body))
             if limit < len(body):

@@ -182,3 +182,54 @@ def replied(db: Path) -> bool:
         return last is not None and last.role == "assistant" and last.stop_reason is not None
     finally:
         store.close()
+
+
+def test_cancel_a_download_inside_the_app_then_resume_it(
+    eager_gguf: Path, starling_home: Path, tmp_path: Path
+) -> None:
+    """The installed app, a slow Hub stand-in on 127.0.0.1: Enter starts the download with a
+    progress line (speed, ETA), c cancels it (nothing registered, the app keeps running), and
+    the next Enter resumes where it stopped (an HTTP Range request) and verifies the file."""
+    from starling_local.acquire.catalog import CATALOG
+    from tests.fake_hub import FakeHub, start
+
+    name = "starling-lm-7b-alpha.Q4_K_M.gguf"
+    data = eager_gguf.read_bytes()
+    hub = FakeHub()
+    hub.add_repo("TheBloke/Starling-LM-7B-alpha-GGUF", {name: data})
+    hub.throttle[name] = 0.25  # 4 MiB/s: a few seconds for the whole file
+    servers = start(hub)
+    quants = list(CATALOG["starling-lm-7b-alpha"].gguf.sizes)
+    session = f"starling-cancel-{os.getpid()}"
+    starling = Path(sys.executable).with_name("starling")
+    command = (
+        f"env STARLING_HOME={starling_home} HF_HOME={tmp_path / 'hf'} HF_ENDPOINT={hub.endpoint} "
+        f"{starling} chat --ctx 1024"
+    )
+    try:
+        with terminal(session, command):
+            wait_for(session, "Download Starling-LM-7B-alpha Q4_K_M")
+            tmux("send-keys", "-t", session, "F5")
+            wait_for(session, "starling-lm-7b-alpha:Q2_K")
+            for _ in range(quants.index("Q4_K_M")):
+                tmux("send-keys", "-t", session, "Down")
+            tmux("send-keys", "-t", session, "Enter")
+            wait_for(session, "Downloading")
+            tmux("send-keys", "-t", session, "c")
+            wait_for(session, "cancelled")
+            served = hub.bytes_served.get(name, 0)
+            assert 0 < served < len(data)
+            assert alive(session)
+            hub.throttle[name] = 0.0
+            tmux("send-keys", "-t", session, "Enter")
+            wait_for(session, "downloaded, verified", timeout=60)
+            tmux("send-keys", "-t", session, "Escape")
+            tmux("send-keys", "-t", session, "C-q")
+    finally:
+        for server in servers:
+            server.shutdown()
+    ranges = [rng for method, path, rng in hub.requests if method == "GET" and "/cdn/" in path]
+    assert ranges[0] is None and ranges[-1] is not None  # the second try asked for the rest
+    assert int(ranges[-1].removeprefix("bytes=").rstrip("-")) > 0
+    models = starling_home / "data" / "starling.db"
+    assert models.exists()

@@ -142,14 +142,41 @@ def sha256_of(path: Path, progress: Progress | None = None) -> str:
 
 
 class _BarFactory:
-    """Looks like a tqdm class to `huggingface_hub.file_download.http_get`."""
+    """Looks like a tqdm class to `huggingface_hub.file_download.http_get`.
+
+    `http_get` counts a chunk before it writes it, so the count is reported (and a progress
+    callback may cancel by raising) only once the chunk is on disk (see `_ReportingFile`):
+    a cancelled download keeps every byte it received, for the next try to resume from."""
 
     def __init__(self, progress: Progress, label: str) -> None:
         self.progress = progress
         self.label = label
+        self.bar: _Bar | None = None
 
     def __call__(self, **kwargs: Any) -> _Bar:
-        return _Bar(self, int(kwargs.get("total") or 0), int(kwargs.get("initial") or 0))
+        self.bar = _Bar(self, int(kwargs.get("total") or 0), int(kwargs.get("initial") or 0))
+        return self.bar
+
+    def report(self) -> None:
+        if self.bar is not None:
+            self.progress(self.bar.n, self.bar.total, self.label)
+
+
+class _ReportingFile:
+    """The partial download file: reports progress after each chunk is written."""
+
+    def __init__(self, fh: Any, factory: _BarFactory | None) -> None:
+        self.fh, self.factory = fh, factory
+
+    def write(self, data: bytes) -> int:
+        written = int(self.fh.write(data))
+        if self.factory is not None:
+            self.fh.flush()
+            self.factory.report()
+        return written
+
+    def __getattr__(self, name: str) -> Any:  # tell, seek, truncate
+        return getattr(self.fh, name)
 
 
 class _Bar:
@@ -163,8 +190,7 @@ class _Bar:
         return None
 
     def update(self, n: int) -> None:
-        self.n += n
-        self.factory.progress(self.n, self.total, self.factory.label)
+        self.n += n  # reported when written
 
 
 def storage_folder(repo_id: str) -> Path:
@@ -218,7 +244,7 @@ def fetch(
                 with partial.open("ab") as fh:
                     http_get(
                         str(meta.location),
-                        fh,
+                        _ReportingFile(fh, bar),  # type: ignore[arg-type]
                         resume_size=have,
                         headers=build_hf_headers(),
                         expected_size=size,

@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,6 +46,28 @@ def wait_for(session: str, text: str, timeout: float = 30) -> str:
             return screen
         time.sleep(0.2)
     raise AssertionError(f"{text!r} never appeared; the screen was:\n{screen}")
+
+
+def app_with_hub(hub: Any, home: Path, hf: Path, extra: str = "") -> str:
+    """The installed `starling chat` command line, with the Hub stand-in as its Hub."""
+    starling = Path(sys.executable).with_name("starling")
+    return (
+        f"env STARLING_HOME={home} HF_HOME={hf} HF_ENDPOINT={hub.endpoint} "
+        f"{starling} chat --ctx 1024 {extra}"
+    ).strip()
+
+
+def select_default_download(session: str) -> None:
+    """From the first-run screen: F5, then down to Starling-LM-7B-alpha Q4_K_M, then Enter."""
+    from starling_local.acquire.catalog import CATALOG
+
+    quants = list(CATALOG["starling-lm-7b-alpha"].gguf.sizes)
+    wait_for(session, "Download Starling-LM-7B-alpha Q4_K_M")  # the first-run offer
+    tmux("send-keys", "-t", session, "F5")
+    wait_for(session, "starling-lm-7b-alpha:Q2_K")
+    for _ in range(quants.index("Q4_K_M")):
+        tmux("send-keys", "-t", session, "Down")
+    tmux("send-keys", "-t", session, "Enter")
 
 
 def test_chat_in_a_real_terminal(eager_gguf: Path, starling_home: Path) -> None:
@@ -120,7 +143,6 @@ def test_download_a_model_inside_the_app_and_chat(
 ) -> None:
     """The installed app with no model, the Hub stand-in on 127.0.0.1: F5, pick the default
     model, Enter downloads it (verified), the app loads it, and it answers."""
-    from starling_local.acquire.catalog import CATALOG
     from starling_local.store.conversations import ConversationStore
     from tests.fake_hub import FakeHub, start
 
@@ -130,23 +152,13 @@ def test_download_a_model_inside_the_app_and_chat(
         {"starling-lm-7b-alpha.Q4_K_M.gguf": eager_gguf.read_bytes()},
     )
     servers = start(hub)
-    quants = list(CATALOG["starling-lm-7b-alpha"].gguf.sizes)
     db = starling_home / "data" / "starling.db"
     conv = ConversationStore(db).create(params={"temperature": 0.0})  # greedy: a steady reply
     session = f"starling-dl-{os.getpid()}"
-    starling = Path(sys.executable).with_name("starling")
-    command = (
-        f"env STARLING_HOME={starling_home} HF_HOME={tmp_path / 'hf'} HF_ENDPOINT={hub.endpoint} "
-        f"{starling} chat --ctx 1024 --conversation {conv.id}"
-    )
+    command = app_with_hub(hub, starling_home, tmp_path / "hf", f"--conversation {conv.id}")
     try:
         with terminal(session, command):
-            wait_for(session, "Download Starling-LM-7B-alpha Q4_K_M")  # the first-run offer
-            tmux("send-keys", "-t", session, "F5")
-            wait_for(session, "starling-lm-7b-alpha:Q2_K")
-            for _ in range(quants.index("Q4_K_M")):
-                tmux("send-keys", "-t", session, "Down")
-            tmux("send-keys", "-t", session, "Enter")
+            select_default_download(session)
             wait_for(session, "downloaded, verified", timeout=60)
             tmux("send-keys", "-t", session, "Escape")
             wait_for(
@@ -190,7 +202,6 @@ def test_cancel_a_download_inside_the_app_then_resume_it(
     """The installed app, a slow Hub stand-in on 127.0.0.1: Enter starts the download with a
     progress line (speed, ETA), c cancels it (nothing registered, the app keeps running), and
     the next Enter resumes where it stopped (an HTTP Range request) and verifies the file."""
-    from starling_local.acquire.catalog import CATALOG
     from tests.fake_hub import FakeHub, start
 
     name = "starling-lm-7b-alpha.Q4_K_M.gguf"
@@ -199,21 +210,10 @@ def test_cancel_a_download_inside_the_app_then_resume_it(
     hub.add_repo("TheBloke/Starling-LM-7B-alpha-GGUF", {name: data})
     hub.throttle[name] = 0.25  # 4 MiB/s: a few seconds for the whole file
     servers = start(hub)
-    quants = list(CATALOG["starling-lm-7b-alpha"].gguf.sizes)
     session = f"starling-cancel-{os.getpid()}"
-    starling = Path(sys.executable).with_name("starling")
-    command = (
-        f"env STARLING_HOME={starling_home} HF_HOME={tmp_path / 'hf'} HF_ENDPOINT={hub.endpoint} "
-        f"{starling} chat --ctx 1024"
-    )
     try:
-        with terminal(session, command):
-            wait_for(session, "Download Starling-LM-7B-alpha Q4_K_M")
-            tmux("send-keys", "-t", session, "F5")
-            wait_for(session, "starling-lm-7b-alpha:Q2_K")
-            for _ in range(quants.index("Q4_K_M")):
-                tmux("send-keys", "-t", session, "Down")
-            tmux("send-keys", "-t", session, "Enter")
+        with terminal(session, app_with_hub(hub, starling_home, tmp_path / "hf")):
+            select_default_download(session)
             wait_for(session, "Downloading")
             tmux("send-keys", "-t", session, "c")
             wait_for(session, "cancelled")

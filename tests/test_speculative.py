@@ -285,3 +285,15 @@ def test_bench_speculative_with_a_prompts_file(
     assert_one_line_error(bad, 1, 'expected "messages"')
     missing = starling("bench", "--speculative", home=starling_home)
     assert_one_line_error(missing, 2, "--speculative needs --model")
+
+
+@pytest.mark.parametrize("command", ["ask", "chat", "serve"])
+def test_every_command_that_generates_takes_the_speculate_flags(command: str) -> None:
+    from starling_local.cli import build_parser
+    from starling_local.cli.common import engine_spec
+
+    extra = ["hi"] if command == "ask" else []
+    parse = build_parser().parse_args
+    assert engine_spec(parse([command, *extra, "--speculate"])).speculate is True
+    assert engine_spec(parse([command, *extra, "--no-speculate"])).speculate is False
+    assert engine_spec(parse([command, *extra])).speculate is None  # off, or the app's choice

@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from starling_local.cli.common import add_model_option, add_remote_options, engine_spec
+from starling_local.cli.common import (
+    add_model_option,
+    add_remote_options,
+    add_speculate_option,
+    engine_spec,
+)
 
 
 def register(sub: Any) -> None:
@@ -13,6 +18,7 @@ def register(sub: Any) -> None:
     add_model_option(c)
     c.add_argument("--conversation", type=int, metavar="ID", help="open saved conversation ID")
     c.add_argument("--ctx", type=int, default=None, help="context window in tokens (default 8192)")
+    add_speculate_option(c)
     add_remote_options(c, ("--api-key", "--remote-api-key"))
     c.set_defaults(handler=run)
 

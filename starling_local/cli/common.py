@@ -32,13 +32,18 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="layers to offload to the GPU (default: all when the build supports it)",
     )
-    group.add_argument(
+    add_speculate_option(group)
+
+
+def add_speculate_option(parser: Any) -> None:
+    parser.add_argument(
         "--speculate",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="speculative decoding: tokens drafted from the conversation, verified by the model "
         "in one batch (the same reply, faster where it repeats its context: code edits, "
-        "quotes, reformatting; turns flash attention on; default: off)",
+        "quotes, reformatting; turns flash attention on; default: off, or the app's saved "
+        "choice)",
     )
 
 

@@ -285,6 +285,11 @@ def test_bench_speculative_with_a_prompts_file(
     assert_one_line_error(bad, 1, 'expected "messages"')
     missing = starling("bench", "--speculative", home=starling_home)
     assert_one_line_error(missing, 2, "--speculative needs --model")
+    attention = starling("bench", "--long-context", "tiny", "--attention", "fa", home=starling_home)
+    assert_one_line_error(attention, 2, "--attention: choose from")
+    depths = starling("bench", "--long-context", "tiny", "--depths", "0,abc", home=starling_home)
+    assert depths.returncode == 2 and "Traceback" not in depths.stderr
+    assert "not a comma-separated list of numbers" in depths.stderr
 
 
 @pytest.mark.parametrize("command", ["ask", "chat", "serve"])

@@ -66,7 +66,8 @@ def register(sub: Any) -> None:
     )
     b.add_argument(
         "--depths",
-        default="0,2048,4096,7936",
+        type=depth_list,
+        default=(0, 2048, 4096, 7936),
         help="comma-separated depths for --long-context (at most the context window less "
         "the decoded tokens: Starling's window is 8192)",
     )
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
             long_context=None
             if args.long_context is None
             else tuple(args.long_context or [args.shape]),
-            depths=tuple(int(d) for d in args.depths.split(",")),
+            depths=args.depths,
             n_gpu_layers=args.gpu_layers,
             configs=attention_configs(args.attention),
         )
@@ -139,3 +140,16 @@ def attention_configs(text: str) -> tuple[str, ...]:
     if unknown or not names:
         raise UsageError(f"--attention: choose from {', '.join(CONFIGS)}")
     return names
+
+
+def depth_list(text: str) -> tuple[int, ...]:
+    """`0,2048,4096`: token depths, none negative."""
+    try:
+        depths = tuple(int(d) for d in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of numbers: {text!r}"
+        ) from None
+    if not depths or min(depths) < 0:
+        raise argparse.ArgumentTypeError(f"depths must be 0 or more: {text!r}")
+    return depths

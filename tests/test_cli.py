@@ -393,7 +393,11 @@ def test_bench_runs_end_to_end(tiny_q4: Path, tmp_path: Path, starling_home: Pat
     resume = f["resume"]
     assert resume["reopened_with_cache"]["prompt_evaluated"] < 40
     assert resume["reopened_without_cache"]["prompt_evaluated"] == resume["conversation_tokens"]
-    assert f["tui"]["reply_tokens"] == 40 and f["tui"]["rendered_chars"] == f["tui"]["reply_chars"]
+    for shape in f["tui"].values():
+        assert shape["reply_tokens"] == 40 and shape["rendered_chars"] == shape["reply_chars"]
+        assert shape["redraws"] >= 1 and shape["ratio_to_ask"] > 0
+    head = f["tui"]["markdown"]["reply_head"]
+    assert head.startswith("## 1. Caching\n\nWhen you add **caching**")
     serve = f["serve"]
     assert serve["http_tokens_per_s"] > 0 and serve["ratio"] > 0
     later = [row for row in serve["alternating"] if row["turn"] > 1]

@@ -168,3 +168,51 @@ def test_cancel_during_a_long_prompt_evaluation(
     assert again.stream.stats.prompt_evaluated == prompt - evaluated
     assert again.stream.stats.completion_tokens == SHORT.max_tokens
     engine.close()
+
+
+def test_every_decode_runs_on_one_compute_thread(
+    tiny_q4: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libgomp keeps a thread pool per thread that ever decoded; two pools on two cores make
+    it stop spinning and decoding ran at 0.87x. Whatever thread asks, llama.cpp computes on one."""
+    import llama_cpp._internals
+
+    seen: set[str] = set()
+    real_decode = llama_cpp._internals.LlamaContext.decode
+
+    def decode(self: object, batch: object) -> None:
+        seen.add(threading.current_thread().name)
+        real_decode(self, batch)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(llama_cpp._internals.LlamaContext, "decode", decode)
+    engine = Engine(tiny_q4, n_ctx=1024)
+    try:
+        texts: list[str] = []
+
+        def ask() -> None:
+            reply = start_reply(engine, [Message("user", "Hi")], params=SHORT)
+            texts.append(reply.stream.consume())
+
+        ask()
+        for _ in range(2):
+            worker = threading.Thread(target=ask)
+            worker.start()
+            worker.join(60)
+        assert len(texts) == 3 and texts[0] == texts[1] == texts[2]
+        assert len(seen) == 1 and next(iter(seen)).startswith("starling-compute")
+    finally:
+        engine.close()
+
+
+def test_an_error_on_the_compute_thread_reaches_the_caller() -> None:
+    from starling_local.engine.compute import on_compute_thread
+
+    def fail() -> None:
+        raise ValueError("bad batch")
+
+    with pytest.raises(ValueError, match="bad batch"):
+        on_compute_thread(fail)
+    # Called from the compute thread itself, it runs there at once (no deadlock).
+    assert on_compute_thread(lambda: on_compute_thread(threading.current_thread)).name.startswith(
+        "starling-compute"
+    )

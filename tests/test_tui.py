@@ -6,6 +6,7 @@ import asyncio
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -98,6 +99,7 @@ async def test_send_streams_a_reply_and_saves_it(
         status = str(s.status.render())
         assert "tok/s" in status and "/1024 tokens" in status and "mode chat" in status
         assert s.query_one("#input", TextArea).text == ""
+        assert s.pacer.redraws >= 1 and s.prompt_input.cursor_blink  # blinks again when done
 
 
 async def test_escape_stops_and_keeps_the_partial_reply(
@@ -111,6 +113,7 @@ async def test_escape_stops_and_keeps_the_partial_reply(
         s.query_one("#input", TextArea).text = "Go on and on"
         await pilot.press("enter")
         await until(pilot, lambda: s.reply_view is not None and bool(s.reply_view.markdown.source))
+        assert not s.prompt_input.cursor_blink  # no redraws for a blink while it streams
         await pilot.press("escape")
         await until(pilot, lambda: not s.generating)
         reply = store.get(store.conversations()[0].id).messages[-1]
@@ -522,3 +525,35 @@ async def test_speculative_decoding_toggle_reloads_and_is_kept(
         await ready(pilot, again)
         engine = again.service.engine
         assert isinstance(engine, Engine) and engine.speculate
+
+
+def test_redraws_are_spaced_by_what_they_cost() -> None:
+    from starling_local.tui.streaming import (
+        BUSY_BUDGET,
+        FREE_BUDGET,
+        MAX_INTERVAL_S,
+        MIN_INTERVAL_S,
+        RenderPacer,
+        cpus_available,
+        render_budget,
+    )
+
+    def burn(seconds: float) -> None:  # CPU time on this (the "UI") thread
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    assert render_budget(cpus_available()) == BUSY_BUDGET  # llama.cpp uses every core
+    assert render_budget(0) == FREE_BUDGET  # a GPU or a remote engine generates
+    busy, free = RenderPacer(BUSY_BUDGET), RenderPacer(FREE_BUDGET)
+    assert busy.interval == MIN_INTERVAL_S  # the first text shows at once
+    for pacer in (busy, free):
+        pacer.drawn()
+        burn(0.02)
+        pacer.drawn()
+    # 20 ms a redraw within 2.5% of a core: one every 0.8 s; with a core to spare, 10 a second.
+    assert 0.6 < busy.interval <= MAX_INTERVAL_S
+    assert free.interval == MIN_INTERVAL_S
+    burn(0.2)
+    busy.drawn()
+    assert busy.interval == MAX_INTERVAL_S

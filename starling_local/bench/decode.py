@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
+from starling_local.engine.compute import on_compute_thread
 from starling_local.engine.runtime import Engine, SamplingParams
 
 PROMPT = "Write a long story about a llama who learns to program, with many chapters."
@@ -23,10 +25,11 @@ class DecodeResult:
 
 
 def raw_decode(engine: Engine, prompt: list[int], n: int) -> float:
-    """Tokens/s of a bare `llama_decode` + greedy-sampler loop on the engine's own context."""
+    """Tokens/s of a bare `llama_decode` + greedy-sampler loop on the engine's own context (on
+    the compute thread, where the engine's own decodes run too)."""
     import llama_cpp
 
-    with engine.raw_context() as ctx:
+    def loop(ctx: Any) -> float:
         arr = (llama_cpp.llama_token * len(prompt))(*prompt)
         if llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(prompt))) != 0:
             raise RuntimeError("llama_decode failed on the prompt")
@@ -40,7 +43,10 @@ def raw_decode(engine: Engine, prompt: list[int], n: int) -> float:
             elapsed = time.perf_counter() - start
         finally:
             llama_cpp.llama_sampler_free(sampler)
-    return n / elapsed
+        return n / elapsed
+
+    with engine.raw_context() as ctx:
+        return on_compute_thread(loop, ctx)
 
 
 def starling_decode(engine: Engine, n: int, consume: Callable[[str], None] | None = None) -> float:

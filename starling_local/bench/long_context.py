@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from starling_local.engine.compute import on_compute_thread
 from starling_local.engine.runtime import Engine
 from starling_local.errors import UsageError
 
@@ -76,10 +77,10 @@ def depth_figures(
                     while done < max(depth, 1):
                         chunk = filler[done : min(max(depth, 1), done + _CHUNK)] or [1]
                         start = time.perf_counter()
-                        _decode(ctx, chunk)
+                        on_compute_thread(_decode, ctx, chunk)
                         pp = len(chunk) / (time.perf_counter() - start)
                         done += len(chunk)
-                    tg = _tg(ctx, tokens)
+                    tg = on_compute_thread(_tg, ctx, tokens)
                     llama_cpp.llama_memory_seq_rm(memory, 0, done, -1)
                     rows.append(
                         {

@@ -39,6 +39,20 @@ def synthetic_model(shape: str, quant: str = "Q4_K_M", directory: Path | None = 
     return final
 
 
+def long_ask_figures(engine: Engine, tokens: int) -> dict[str, float]:
+    """`ask`'s decode tokens/s over a `tokens`-long reply of each TUI text shape."""
+    from starling_local.bench.tui import Replay, markdown_document
+
+    figures = {"paragraph": starling_decode(engine, tokens)}
+    adapter = engine._adapter
+    Replay.install(engine, markdown_document())
+    try:
+        figures["markdown"] = starling_decode(engine, tokens)
+    finally:
+        engine._adapter = adapter
+    return figures
+
+
 def run_bench(
     model: Path | None,
     *,
@@ -72,10 +86,11 @@ def run_bench(
     decode = compare_decode(engine, n=tokens)
     figures["decode"] = asdict(decode)
     figures["multi_turn"] = [asdict(t) for t in multi_turn(engine, turns=turns)]
+    ask_long: dict[str, float] = {}
     if tui_tokens:
         # The TUI's reply is long, and decoding slows as the context grows: compare it with
-        # the `ask` path over the same length, not with the short decode run above.
-        figures["ask_long_tokens_per_s"] = starling_decode(engine, tui_tokens)
+        # the `ask` path over the same length and text, not with the short decode run above.
+        ask_long = long_ask_figures(engine, tui_tokens)
     if serve_tokens:
         from starling_local.bench.serve import serve_figures
 
@@ -86,13 +101,16 @@ def run_bench(
     if resume_tokens:
         figures["resume"] = resume_figures(path, resume_tokens)
     if tui_tokens:
-        from starling_local.bench.tui import tui_figures
+        from starling_local.bench.tui import SHAPES, tui_figures
 
-        with tempfile.TemporaryDirectory() as tmp:
-            figures["tui"] = tui_figures(path, tui_tokens, Path(tmp) / "bench.db")
-        reference = figures["ask_long_tokens_per_s"]
-        tui_speed = figures["tui"].get("tui_decode_tokens_per_s") or 0.0
-        figures["tui"]["ratio_to_ask"] = tui_speed / reference if reference else 0.0
+        figures["tui"] = {}
+        for shape in SHAPES:
+            with tempfile.TemporaryDirectory() as tmp:
+                tui = tui_figures(path, tui_tokens, Path(tmp) / "bench.db", shape)
+            reference = ask_long[shape]
+            tui["ask_tokens_per_s"] = reference
+            tui["ratio_to_ask"] = (tui.get("tui_decode_tokens_per_s") or 0.0) / reference
+            figures["tui"][shape] = tui
     figures["help_seconds"] = help_seconds()
     figures["conversion"] = {s: conversion_peak(s) for s in convert_shapes}
     figures.update(extra or {})
@@ -137,17 +155,20 @@ def format_table(f: dict[str, Any]) -> str:
             f"   ({r['full_vs_reopened']:.1f}x the cached reopen)",
         ]
     if "tui" in f:
-        t = f["tui"]
+        t = f["tui"]["paragraph"]
         lines += [
             "",
             f"TUI: interactive {t['interactive_s'] * 1000:.0f} ms, model loaded "
             f"{t['model_loaded_s'] * 1000:.0f} ms",
-            f"  streamed {t['reply_tokens']} tokens at {t['tui_decode_tokens_per_s']:.1f} tok/s "
-            f"({t['ratio_to_ask']:.3f} of `ask` over the same {t['reply_tokens']} tokens: "
-            f"{f['ask_long_tokens_per_s']:.1f}), render lag after the last token "
-            f"{(t['render_lag_s'] or 0) * 1000:.0f} ms, {t['rendered_chars']}/{t['reply_chars']} "
-            "chars on screen",
         ]
+        for shape, t in f["tui"].items():
+            lines.append(
+                f"  {shape:<9} streamed {t['reply_tokens']} tokens at "
+                f"{t['tui_decode_tokens_per_s']:.1f} tok/s, {t['ratio_to_ask']:.3f} of `ask` "
+                f"over the same text ({t['ask_tokens_per_s']:.1f}); {t['redraws']} redraws, "
+                f"render lag after the last token {(t['render_lag_s'] or 0) * 1000:.0f} ms, "
+                f"{t['rendered_chars']}/{t['reply_chars']} chars on screen"
+            )
     if "serve" in f:
         s = f["serve"]
         lines += [

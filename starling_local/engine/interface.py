@@ -16,6 +16,8 @@ class EngineLike(Protocol):
     model_key: str
     backend: str
     n_ctx: int
+    cpu_threads: int
+    """CPU threads of this machine kept busy while generating (0: it runs elsewhere)."""
 
     @property
     def closed(self) -> bool: ...

@@ -20,6 +20,7 @@ import llama_cpp
 import llama_cpp._internals
 import llama_cpp.llama_cpp as low
 
+from starling_local.engine.compute import on_compute_thread
 from starling_local.errors import StarlingError
 
 #: The llama-cpp-python releases whose private attributes this module was written against.
@@ -126,7 +127,9 @@ def truncate_cache(llm: Any, n: int) -> None:
 def warm_up(llm: Any) -> None:
     """Decode one token and forget it (page in the weights, set up the compute graphs)."""
     one = (llama_cpp.llama_token * 1)(1)
-    llama_cpp.llama_decode(context_pointer(llm), llama_cpp.llama_batch_get_one(one, 1))
+    on_compute_thread(
+        llama_cpp.llama_decode, context_pointer(llm), llama_cpp.llama_batch_get_one(one, 1)
+    )
     clear_cache(llm)
 
 
@@ -170,7 +173,7 @@ def decode(llm: Any, tokens: Sequence[int], outputs: int = 1) -> None:
         batch.seq_id[i][0] = 0
         batch.n_seq_id[i] = 1
         batch.logits[i] = i >= first_output
-    llm._ctx.decode(llm._batch)
+    on_compute_thread(llm._ctx.decode, llm._batch)
     llm.input_ids[n_past : n_past + n] = tokens
     llm.n_tokens = n_past + n
 

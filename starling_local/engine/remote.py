@@ -67,6 +67,7 @@ class RemoteEngine:
         self.backend = f"remote {'llama-server' if self.kind == 'llama-server' else 'OpenAI API'}"
         self.path = Path(f"{self.url}/{self.model}")
         self.model_key = "remote"
+        self.cpu_threads = 0  # generation runs elsewhere
         self.vocab_size = self._vocab.vocab_size
 
     # --- connecting -----------------------------------------------------------------------

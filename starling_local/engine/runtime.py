@@ -297,6 +297,8 @@ class Engine:
             detail = last_log_error(log_path) or str(exc)
             raise EngineError(f"{self.path}: llama.cpp could not load the model: {detail}") from exc
         self.n_gpu_layers = n_gpu_layers
+        #: CPU threads kept busy while generating: the layers left on the CPU run on all of them.
+        self.cpu_threads = self.n_threads if n_gpu_layers == 0 or not offload else 1
         self.n_ctx: int = self._llm.n_ctx()
         if not vocab_only:
             # The first decode of a process pays for page-faulting the weights and setting up

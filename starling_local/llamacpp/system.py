@@ -79,9 +79,12 @@ def route_llama_log(path: Path) -> None:
 
         @llama_cpp.llama_log_callback  # type: ignore[misc,untyped-decorator]
         def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-            fh.write(text.decode("utf-8", "replace"))
-            if level in (2, 3):  # warnings and errors reach the file at once
-                fh.flush()
+            try:
+                fh.write(text.decode("utf-8", "replace"))
+                if level in (2, 3):  # warnings and errors reach the file at once
+                    fh.flush()
+            except ValueError:  # closed: a model freed as the interpreter exits logs late
+                pass
 
         llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
         # The callback must outlive this call: ctypes does not keep it alive for C.

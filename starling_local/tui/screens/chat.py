@@ -89,6 +89,10 @@ class ChatScreen(ReplyStreaming):
         return self.query_one(ChatView)
 
     @property
+    def prompt_input(self) -> PromptInput:
+        return self.query_one(PromptInput)
+
+    @property
     def status(self) -> StatusBar:
         return self.query_one(StatusBar)
 

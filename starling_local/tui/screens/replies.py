@@ -14,11 +14,12 @@ from starling_local.chat.service import ReplyHooks
 from starling_local.store.models import Conversation
 from starling_local.tui.messages import ReplyChunk, ReplyDone, ReplyStarted
 from starling_local.tui.screens.commands import ConversationCommands
-from starling_local.tui.streaming import ChunkBatcher
+from starling_local.tui.streaming import ChunkBatcher, RenderPacer, render_budget
 from starling_local.tui.widgets.chat_view import NOTES, MessageView
 
 if TYPE_CHECKING:
     from starling_local.tui.widgets.chat_view import ChatView
+    from starling_local.tui.widgets.prompt_input import PromptInput
 
 
 class ReplyStreaming(ConversationCommands):
@@ -29,6 +30,7 @@ class ReplyStreaming(ConversationCommands):
     reshow: bool
     reply_overrides: dict[str, Any]
     render_lag_s: float | None
+    pacer: RenderPacer
     _status_at: float
     _context_base: tuple[int, int]
 
@@ -36,6 +38,9 @@ class ReplyStreaming(ConversationCommands):
 
         @property
         def chat(self) -> ChatView: ...
+
+        @property
+        def prompt_input(self) -> PromptInput: ...
 
     def can_reply(self) -> bool:
         if self.generating:
@@ -48,7 +53,10 @@ class ReplyStreaming(ConversationCommands):
         self.generating = True
         self.reshow = reshow
         self.status.set(state="replying… (Esc stops)", speed="")
-        self.run_reply(prepare)
+        engine = self.service.engine
+        self.pacer = RenderPacer(render_budget(engine.cpu_threads if engine else 0))
+        self.prompt_input.cursor_blink = False  # a blink is a redraw too
+        self.run_reply(prepare, self.pacer)
 
     async def on_reply_started(self, message: ReplyStarted) -> None:
         start = message.start
@@ -70,10 +78,11 @@ class ReplyStreaming(ConversationCommands):
         await self.refresh_sidebar()
 
     async def on_reply_chunk(self, message: ReplyChunk) -> None:
+        self.pacer.drawn()
         if self.md_stream is not None:
             await self.md_stream.write(message.text)
         now = time.monotonic()
-        if now - self._status_at >= 0.5:  # a status update re-lays-out the screen: twice a second
+        if now - self._status_at >= 0.5:
             self._status_at = now
             used, n_ctx = self._context_base
             self.status.set(
@@ -97,6 +106,7 @@ class ReplyStreaming(ConversationCommands):
             if outcome.error:
                 self.notify(outcome.error, severity="error")
         self.generating = False
+        self.prompt_input.cursor_blink = True
         self.reply_view = None
         tps = outcome.stats.decode_tokens_per_s if outcome else 0.0
         speed = f"{tps:.1f} tok/s" if tps else ""
@@ -115,9 +125,9 @@ class ReplyStreaming(ConversationCommands):
         await self.refresh_sidebar()
 
     @work(thread=True, exclusive=True, group="reply")
-    def run_reply(self, prepare: Callable[[], Conversation]) -> None:
+    def run_reply(self, prepare: Callable[[], Conversation], pacer: RenderPacer) -> None:
         """Commit what `prepare` does (the user message, a truncation), then the reply."""
-        batcher = ChunkBatcher(self.post_message)
+        batcher = ChunkBatcher(self.post_message, pacer)
         hooks = ReplyHooks(lambda start: self.post_message(ReplyStarted(start)), batcher.feed)
         try:
             conv = prepare()

@@ -26,7 +26,7 @@ class StatusBar(Static):
             parts.append(self.speed)
         if self.state:
             parts.append(self.state)
-        self.update("  │  ".join(parts))
+        self.update("  │  ".join(parts), layout=False)  # one line, always: no re-layout
 
     def set(self, **fields: str) -> None:
         for key, value in fields.items():

@@ -39,18 +39,17 @@ def synthetic_model(shape: str, quant: str = "Q4_K_M", directory: Path | None = 
     return final
 
 
-def long_ask_figures(engine: Engine, tokens: int) -> dict[str, float]:
-    """`ask`'s decode tokens/s over a `tokens`-long reply of each TUI text shape."""
+def long_ask_figure(path: Path, n_gpu_layers: int | None, tokens: int, shape: str) -> float:
+    """`ask`'s decode tokens/s over a `tokens`-long reply of a TUI text shape."""
     from starling_local.bench.tui import Replay, markdown_document
 
-    figures = {"paragraph": starling_decode(engine, tokens)}
-    adapter = engine._adapter
-    Replay.install(engine, markdown_document())
+    engine = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers)
     try:
-        figures["markdown"] = starling_decode(engine, tokens)
+        if shape == "markdown":
+            Replay.install(engine, markdown_document())
+        return starling_decode(engine, tokens)
     finally:
-        engine._adapter = adapter
-    return figures
+        engine.close()
 
 
 def run_bench(
@@ -86,11 +85,6 @@ def run_bench(
     decode = compare_decode(engine, n=tokens)
     figures["decode"] = asdict(decode)
     figures["multi_turn"] = [asdict(t) for t in multi_turn(engine, turns=turns)]
-    ask_long: dict[str, float] = {}
-    if tui_tokens:
-        # The TUI's reply is long, and decoding slows as the context grows: compare it with
-        # the `ask` path over the same length and text, not with the short decode run above.
-        ask_long = long_ask_figures(engine, tui_tokens)
     if serve_tokens:
         from starling_local.bench.serve import serve_figures
 
@@ -105,9 +99,15 @@ def run_bench(
 
         figures["tui"] = {}
         for shape in SHAPES:
+            # The TUI's reply is long, and decoding slows as the context grows: compare it with
+            # the `ask` path over the same length and text, run just before and just after it
+            # (this machine's speed drifts by a few percent over minutes).
+            before = long_ask_figure(path, n_gpu_layers, tui_tokens, shape)
             with tempfile.TemporaryDirectory() as tmp:
                 tui = tui_figures(path, tui_tokens, Path(tmp) / "bench.db", shape)
-            reference = ask_long[shape]
+            after = long_ask_figure(path, n_gpu_layers, tui_tokens, shape)
+            reference = (before + after) / 2
+            tui["ask_tokens_per_s_before_after"] = [before, after]
             tui["ask_tokens_per_s"] = reference
             tui["ratio_to_ask"] = (tui.get("tui_decode_tokens_per_s") or 0.0) / reference
             figures["tui"][shape] = tui
@@ -165,7 +165,9 @@ def format_table(f: dict[str, Any]) -> str:
             lines.append(
                 f"  {shape:<9} streamed {t['reply_tokens']} tokens at "
                 f"{t['tui_decode_tokens_per_s']:.1f} tok/s, {t['ratio_to_ask']:.3f} of `ask` "
-                f"over the same text ({t['ask_tokens_per_s']:.1f}); {t['redraws']} redraws, "
+                f"over the same text ({t['ask_tokens_per_s']:.1f}: "
+                f"{' before, '.join(f'{x:.1f}' for x in t['ask_tokens_per_s_before_after'])} "
+                f"after); {t['redraws']} redraws, "
                 f"render lag after the last token {(t['render_lag_s'] or 0) * 1000:.0f} ms, "
                 f"{t['rendered_chars']}/{t['reply_chars']} chars on screen"
             )

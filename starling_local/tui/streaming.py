@@ -1,9 +1,10 @@
 """Pacing a streaming reply for the screen.
 
 Text is gathered in the generating thread and posted to the screen in chunks. How often is set
-by what drawing costs: each redraw of a growing reply re-lays-out the screen (20-30 ms of the UI
-thread's CPU on a 2,000-token reply here), and when llama.cpp keeps every core busy, that time
-is taken from generation (at ten redraws a second a 2-core machine generated at 0.8x). So the
+by what drawing costs: each redraw of a growing reply lays out and repaints the screen (30-70 ms
+of the UI thread's CPU late in a 2,000-token reply here, with what scrolled away folded:
+widgets/fold.py), and when llama.cpp keeps every core busy, that time is taken from generation
+(at ten redraws a second a 2-core machine generated at 0.8x). So the
 UI thread measures its own CPU time per redraw, and redraws are spaced to keep it under a share
 of the time: a small share when generation uses every core, ten a second when there is a core
 to spare (a GPU, a remote engine, more cores than llama.cpp threads).
@@ -23,7 +24,7 @@ MIN_INTERVAL_S = 1 / 10
 #: The slowest: a reply never waits longer than this to show its new text.
 MAX_INTERVAL_S = 2.0
 #: Share of one core the screen may spend redrawing while generation uses every core.
-BUSY_BUDGET = 0.025
+BUSY_BUDGET = 0.015
 #: ... and while a core is free for it.
 FREE_BUDGET = 0.5
 

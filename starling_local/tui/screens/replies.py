@@ -81,6 +81,8 @@ class ReplyStreaming(ConversationCommands):
         self.pacer.drawn()
         if self.md_stream is not None:
             await self.md_stream.write(message.text)
+        if self.reply_view is not None:  # what scrolled away costs no layout time
+            self.call_after_refresh(self._fold_while_streaming, self.reply_view)
         now = time.monotonic()
         if now - self._status_at >= 0.5:
             self._status_at = now
@@ -90,10 +92,15 @@ class ReplyStreaming(ConversationCommands):
                 context=f"{used + message.tokens}/{n_ctx} tokens",  # live while it streams
             )
 
+    def _fold_while_streaming(self, view: MessageView) -> None:
+        if view is self.reply_view:  # not once the reply has ended (and everything unfolded)
+            self.chat.fold_above_view(view)
+
     async def on_reply_done(self, message: ReplyDone) -> None:
         if self.md_stream is not None:
             await self.md_stream.stop()
             self.md_stream = None
+        self.chat.unfold()
         outcome, view = message.outcome, self.reply_view
         if outcome is None:
             await self.chat.add("notice", f"**The reply failed:** {message.error}")

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from textual import events
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
 from textual.message import Message
+from textual.widget import Widget
 from textual.widgets import Label, Markdown
+from textual.widgets._markdown import MarkdownBlock
+
+from starling_local.tui.widgets.fold import fold_above, unfold
 
 #: Shown when there is no model to load.
 NO_MODEL_HELP = """\
@@ -88,8 +93,42 @@ class MessageView(Vertical, can_focus=True):
 class ChatView(VerticalScroll):
     """All messages of the open conversation."""
 
+    def __init__(self, *, id: str | None = None) -> None:
+        super().__init__(id=id)
+        self._folded: set[Widget] = set()  # containers with a Fold (widgets/fold.py)
+
+    def fold_above_view(self, streaming: MessageView) -> None:
+        """While the view follows the `streaming` reply to its end, hide the messages and the
+        reply's finished Markdown blocks that have scrolled out of view above it."""
+        if not self.is_vertical_scroll_end or not streaming.is_attached:
+            return
+        top = self.content_region.y
+        views = list(self.query_children(MessageView))
+        if streaming in views and fold_above(self, views[: views.index(streaming) + 1], top):
+            self._folded.add(self)
+        markdown = streaming.markdown
+        blocks = [b for b in markdown.children if isinstance(b, MarkdownBlock)]
+        if fold_above(markdown, blocks, top):
+            self._folded.add(markdown)
+
+    def unfold(self) -> None:
+        """Show everything `fold_above_view` hid."""
+        for container in self._folded:
+            if container.is_attached:
+                unfold(container)
+        self._folded.clear()
+
+    def watch_scroll_y(self, old_value: float, new_value: float) -> None:
+        super().watch_scroll_y(old_value, new_value)
+        if self._folded and new_value < self.max_scroll_y:  # the user scrolls up
+            self.unfold()
+
+    def on_descendant_focus(self, event: events.DescendantFocus) -> None:
+        self.unfold()  # a message is being selected: all of them are there to move to
+
     async def show(self, messages: Sequence[tuple[str, str, str, int | None]]) -> None:
         """Replace the contents with `(role, content, note, message id)` messages."""
+        self._folded.clear()
         await self.remove_children()
         await self.mount_all([MessageView(*message) for message in messages])
         self.scroll_end(animate=False)

@@ -374,6 +374,8 @@ def test_bench_runs_end_to_end(tiny_q4: Path, tmp_path: Path, starling_home: Pat
         "3",
         "--resume-tokens",
         "300",
+        "--branch-tokens",
+        "300",
         "--tui-tokens",
         "40",
         "--serve-tokens",
@@ -393,6 +395,15 @@ def test_bench_runs_end_to_end(tiny_q4: Path, tmp_path: Path, starling_home: Pat
     resume = f["resume"]
     assert resume["reopened_with_cache"]["prompt_evaluated"] < 40
     assert resume["reopened_without_cache"]["prompt_evaluated"] == resume["conversation_tokens"]
+    branch = f["branch"]
+    # A branch's first reply evaluates only its new turn, from the parent's live or saved KV.
+    assert branch["parent_tokens"] > 250
+    for key in ("parent_next", "branch_first", "branch_from_saved_state"):
+        assert branch[key]["prompt_evaluated"] < 40, (key, branch[key])
+    cold = branch["branch_without_kv"]
+    assert (
+        cold["prompt_evaluated"] == cold["prompt_tokens"] == branch["branch_first"]["prompt_tokens"]
+    )
     for shape in f["tui"].values():
         assert shape["reply_tokens"] == 40 and shape["rendered_chars"] == shape["reply_chars"]
         assert shape["redraws"] >= 1 and shape["ratio_to_ask"] > 0
@@ -407,3 +418,4 @@ def test_bench_runs_end_to_end(tiny_q4: Path, tmp_path: Path, starling_home: Pat
     assert all(row["evaluated"] < 64 for row in later), later
     assert later[-1]["prompt_tokens"] > 250
     assert "raw llama.cpp" in r.stdout and "resume" in r.stdout and "alternating" in r.stdout
+    assert "branch a" in r.stdout

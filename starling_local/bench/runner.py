@@ -61,6 +61,7 @@ def run_bench(
     convert_shapes: tuple[str, ...] = (),
     n_gpu_layers: int | None = None,
     resume_tokens: int = 2000,
+    branch_tokens: int = 2000,
     tui_tokens: int = 2000,
     serve_tokens: int = 256,
     extra: dict[str, Any] | None = None,
@@ -94,6 +95,10 @@ def run_bench(
     engine.close()
     if resume_tokens:
         figures["resume"] = resume_figures(path, resume_tokens)
+    if branch_tokens:
+        from starling_local.bench.branch import branch_figures
+
+        figures["branch"] = branch_figures(path, branch_tokens)
     if tui_tokens:
         from starling_local.bench.tui import SHAPES, tui_figures
 
@@ -154,6 +159,22 @@ def format_table(f: dict[str, Any]) -> str:
             f"  {r['reopened_without_cache']['prompt_evaluated']:>6}"
             f"   ({r['full_vs_reopened']:.1f}x the cached reopen)",
         ]
+    if "branch" in f:
+        b = f["branch"]
+        lines += [
+            "",
+            f"branch a {b['parent_tokens']}-token conversation at message "
+            f"{b['branch_at_message']} (TTFT ms from the fork, evaluated tokens)",
+        ]
+        for key, label in (
+            ("parent_next", "the parent's next reply  "),
+            ("branch_first", "branch, parent's live KV "),
+            ("branch_from_saved_state", "branch, saved KV state   "),
+            ("branch_without_kv", "branch, no KV state      "),
+        ):
+            lines.append(
+                f"  {label}{b[key]['ttft_s'] * 1000:>8.1f}  {b[key]['prompt_evaluated']:>6}"
+            )
     if "tui" in f:
         t = f["tui"]["paragraph"]
         lines += [

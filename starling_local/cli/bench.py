@@ -28,6 +28,12 @@ def register(sub: Any) -> None:
         help="conversation size for the resume figures (0 skips)",
     )
     b.add_argument(
+        "--branch-tokens",
+        type=int,
+        default=2000,
+        help="parent conversation size for the branch figures (0 skips)",
+    )
+    b.add_argument(
         "--tui-tokens",
         type=int,
         default=2000,
@@ -120,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         turns=args.turns,
         convert_shapes=tuple(args.convert),
         resume_tokens=args.resume_tokens,
+        branch_tokens=args.branch_tokens,
         tui_tokens=args.tui_tokens,
         serve_tokens=args.serve_tokens,
         n_gpu_layers=args.gpu_layers,

@@ -105,6 +105,16 @@ async def test_nothing_is_folded_while_the_user_reads_above() -> None:
         reply.focus()
         await pilot.pause(0.1)
         assert not chat.query(Fold)
+        # So does a narrower window (what is folded would wrap to another height).
+        app.set_focus(None)
+        chat.scroll_end(animate=False, immediate=True)
+        await pilot.pause(0.1)
+        chat.fold_above_view(reply)
+        await pilot.pause(0.1)
+        assert chat.query(Fold)
+        await pilot.resize_terminal(80, 30)
+        await pilot.pause(0.2)
+        assert not chat.query(Fold)
         assert isinstance(reply.markdown, Markdown)
 
 

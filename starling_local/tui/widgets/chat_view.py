@@ -96,6 +96,7 @@ class ChatView(VerticalScroll):
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id)
         self._folded: set[Widget] = set()  # containers with a Fold (widgets/fold.py)
+        self._folded_width = 0
 
     def fold_above_view(self, streaming: MessageView) -> None:
         """While the view follows the `streaming` reply to its end, hide the messages and the
@@ -103,6 +104,7 @@ class ChatView(VerticalScroll):
         if not self.is_vertical_scroll_end or not streaming.is_attached:
             return
         top = self.content_region.y
+        self._folded_width = self.size.width
         views = list(self.query_children(MessageView))
         if streaming in views and fold_above(self, views[: views.index(streaming) + 1], top):
             self._folded.add(self)
@@ -125,6 +127,10 @@ class ChatView(VerticalScroll):
 
     def on_descendant_focus(self, event: events.DescendantFocus) -> None:
         self.unfold()  # a message is being selected: all of them are there to move to
+
+    def on_resize(self, event: events.Resize) -> None:
+        if self._folded and event.size.width != self._folded_width:
+            self.unfold()  # what is folded would wrap to another height now
 
     async def show(self, messages: Sequence[tuple[str, str, str, int | None]]) -> None:
         """Replace the contents with `(role, content, note, message id)` messages."""

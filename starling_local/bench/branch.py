@@ -36,7 +36,7 @@ def _first_token(service: ConversationService, conversation_id: int, text: str) 
 
 
 def branch_figures(model: Path, target_tokens: int = 2000) -> dict[str, Any]:
-    """A parent of about `target_tokens`, branched at its second-to-last user message."""
+    """A parent of about `target_tokens`, branched after its last reply but one."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         engine = Engine(model, n_ctx=4096)
@@ -52,8 +52,8 @@ def branch_figures(model: Path, target_tokens: int = 2000) -> dict[str, Any]:
                     break
             messages = len(service.get(parent.id).messages)
             at = messages - 2  # up to the last reply but one: the user takes another road there
-            # The parent's next reply (its KV cache is live), then the branch, which starts
-            # from the parent's saved state (the live cache now holds the parent's new turn).
+            # The parent's next reply (its KV cache is live), then the branch (the live cache
+            # still holds the parent, whose history up to the branch point it shares).
             parent_next = _first_token(service, parent.id, "And what happened next?")
             start = time.perf_counter()
             branch = service.fork(parent.id, at=at)

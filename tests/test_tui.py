@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -114,6 +115,14 @@ async def test_escape_stops_and_keeps_the_partial_reply(
         await pilot.press("enter")
         await until(pilot, lambda: s.reply_view is not None and bool(s.reply_view.markdown.source))
         assert not s.prompt_input.cursor_blink  # no redraws for a blink while it streams
+
+        def context_used() -> int:
+            found = re.search(r"(\d+)/4096 tokens", str(s.status.render()))
+            return int(found.group(1)) if found else 0
+
+        # The context meter counts the reply's tokens while it streams.
+        prompt_tokens = s._context_base[0]
+        await until(pilot, lambda: s.generating and context_used() > prompt_tokens + 20)
         await pilot.press("escape")
         await until(pilot, lambda: not s.generating)
         reply = store.get(store.conversations()[0].id).messages[-1]
@@ -335,6 +344,12 @@ async def test_message_actions_copy_branch_and_delete(
         assert app.clipboard.startswith("Two ways:")
         await pilot.press("escape")  # back to typing
         assert app.focused is s.query_one("#input", TextArea)
+        first = s.query(MessageView).first()
+        await pilot.click(first)  # the mouse selects a message too
+        assert app.focused is first
+        await pilot.press("c")
+        assert app.clipboard == "Sort a list"
+        await pilot.press("escape")
         await pilot.press("ctrl+up", "up", "up")
         await pilot.press("b")  # branch here: the first question and its reply
         await until(pilot, lambda: s.conversation is not None and s.conversation.id != conv.id)

@@ -1,0 +1,69 @@
+"""Does llama.cpp compute a batch's logits as it computes one token's? (speculative exactness)
+
+python scripts/batch_logits.py MODEL.gguf [--k 8] [--prompts 221,241,251,261,471] [--no-flash-attn]
+
+After a prompt of each length, the same k tokens are decoded one at a time and then as one batch
+(the verification step of speculative decoding); printed per position: the largest difference
+between the two logits vectors (0: bit-identical). On a CPU with flash attention, positions from
+256 on differ: llama.cpp then splits a single token's attention across threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+from pathlib import Path
+
+import llama_cpp
+
+from starling_local.engine import llama_adapter as adapter
+from starling_local.engine.runtime import Engine
+
+
+def logits_at(ctx: object, index: int, n_vocab: int) -> list[float]:
+    row = llama_cpp.llama_get_logits_ith(ctx, index)
+    return list(ctypes.cast(row, ctypes.POINTER(ctypes.c_float * n_vocab)).contents)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", type=Path)
+    parser.add_argument("--k", type=int, default=8)
+    parser.add_argument("--prompts", default="221,241,251,261,471")
+    parser.add_argument("--no-flash-attn", action="store_true")
+    args = parser.parse_args()
+    starling = "smol" not in args.model.name.lower()
+    engine = Engine(args.model, n_ctx=1024, starling=starling, flash_attn=not args.no_flash_attn)
+    llm = engine._open_llm()
+    ctx = adapter.context_pointer(llm)
+    vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
+    n_vocab = llama_cpp.llama_n_vocab(vocab)
+    text = " ".join(f"The quick brown fox number {i} jumps over the lazy dog." for i in range(200))
+    words = engine.tokenize_text(text)
+    tokens = engine.tokenize_text(" It was a sunny day and the children played in the park.")
+    tokens = tokens[: args.k]
+    print(f"{args.model.name}, flash attention {'off' if args.no_flash_attn else 'on'}, k={args.k}")
+    for length in (int(n) for n in args.prompts.split(",")):
+        prompt = words[:length]
+        adapter.clear_cache(llm)
+        adapter.decode(llm, prompt, outputs=0)
+        single = []
+        for token in tokens:
+            adapter.decode(llm, [token], outputs=1)
+            single.append(logits_at(ctx, 0, n_vocab))
+        adapter.clear_cache(llm)
+        adapter.decode(llm, prompt, outputs=0)
+        adapter.decode(llm, tokens, outputs=len(tokens))
+        diffs = [
+            max(abs(a - b) for a, b in zip(single[i], logits_at(ctx, i, n_vocab), strict=True))
+            for i in range(len(tokens))
+        ]
+        print(
+            f"  prompt {length:>4}, positions {length}-{length + len(tokens) - 1}: max |diff| "
+            + " ".join(f"{d:.2g}" for d in diffs)
+        )
+    engine.close()
+
+
+if __name__ == "__main__":
+    main()

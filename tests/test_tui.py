@@ -211,13 +211,29 @@ async def test_mode_system_and_prompt_view(eager_gguf: Path, store: Conversation
         assert shown.tokens > 10
 
 
-async def test_no_model_says_how_to_get_one(store: ConversationStore) -> None:
+async def test_no_model_says_how_to_get_one(
+    store: ConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from textual.widgets import Button
+
+    from starling_local.tui.screens.models import DEFAULT_DOWNLOAD, ModelsScreen
+
+    asked: list[str] = []  # the download itself (4.4 GB) is tested in test_terminal.py
+    monkeypatch.setattr(ModelsScreen, "start_download", lambda self, name: asked.append(name))
     app = StarlingApp(model=None, store=store)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot, lambda: screen(app).model_error is not None)
         notice = screen(app).chat.last("notice")
         assert notice is not None
         await until(pilot, lambda: "starling pull" in notice.markdown.source)
+        button = screen(app).query_one("#get-default", Button)
+        label = str(button.label)
+        assert "Starling-LM-7B-alpha Q4_K_M" in label and "free" in label
+        await pilot.click("#get-default")
+        await until(pilot, lambda: isinstance(app.screen, ModelsScreen))
+        assert asked == [DEFAULT_DOWNLOAD]
+        await pilot.press("escape")
+        await until(pilot, lambda: isinstance(app.screen, ChatScreen))
         box = screen(app).query_one("#input", TextArea)
         box.focus()
         box.text = "Hello?"

@@ -25,34 +25,49 @@ def logits_at(ctx: object, index: int, n_vocab: int) -> list[float]:
     return list(ctypes.cast(row, ctypes.POINTER(ctypes.c_float * n_vocab)).contents)
 
 
+def prefill(llm: object, prompt: list[int]) -> None:
+    step = adapter.max_batch(llm)
+    for start in range(0, len(prompt), step):
+        adapter.decode(llm, prompt[start : start + step], outputs=0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--prompts", default="221,241,251,261,471")
     parser.add_argument("--no-flash-attn", action="store_true")
+    parser.add_argument("--kv-type", default="f16", help="KV cache type: f16 or q8_0")
+    parser.add_argument("--ctx", type=int, default=1024)
     args = parser.parse_args()
     starling = "smol" not in args.model.name.lower()
-    engine = Engine(args.model, n_ctx=1024, starling=starling, flash_attn=not args.no_flash_attn)
+    engine = Engine(
+        args.model,
+        n_ctx=args.ctx,
+        starling=starling,
+        flash_attn=not args.no_flash_attn,
+        kv_type=args.kv_type,
+    )
     llm = engine._open_llm()
     ctx = adapter.context_pointer(llm)
     vocab = llama_cpp.llama_model_get_vocab(llama_cpp.llama_get_model(ctx))
     n_vocab = llama_cpp.llama_n_vocab(vocab)
-    text = " ".join(f"The quick brown fox number {i} jumps over the lazy dog." for i in range(200))
+    text = " ".join(f"The quick brown fox number {i} jumps over the lazy dog." for i in range(800))
     words = engine.tokenize_text(text)
     tokens = engine.tokenize_text(" It was a sunny day and the children played in the park.")
     tokens = tokens[: args.k]
-    print(f"{args.model.name}, flash attention {'off' if args.no_flash_attn else 'on'}, k={args.k}")
+    attention = "off" if args.no_flash_attn else "on"
+    print(f"{args.model.name}, flash attention {attention}, KV {args.kv_type}, k={args.k}")
     for length in (int(n) for n in args.prompts.split(",")):
         prompt = words[:length]
         adapter.clear_cache(llm)
-        adapter.decode(llm, prompt, outputs=0)
+        prefill(llm, prompt)
         single = []
         for token in tokens:
             adapter.decode(llm, [token], outputs=1)
             single.append(logits_at(ctx, 0, n_vocab))
         adapter.clear_cache(llm)
-        adapter.decode(llm, prompt, outputs=0)
+        prefill(llm, prompt)
         adapter.decode(llm, tokens, outputs=len(tokens))
         diffs = [
             max(abs(a - b) for a, b in zip(single[i], logits_at(ctx, i, n_vocab), strict=True))

@@ -74,6 +74,13 @@ def distinct_f16(models_dir: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def distinct_q8(models_dir: Path, distinct_f16: Path) -> Path:
+    """The distinct model in Q8_0, whose batches llama.cpp computes exactly as single tokens
+    up to 16 (F16 weights go through another GEMM for a batch: no speculation there)."""
+    return quantize(distinct_f16, models_dir / "distinct-q8_0.gguf", "Q8_0")
+
+
+@pytest.fixture(scope="session")
 def eager_gguf(models_dir: Path) -> Path:
     """A tiny model that ends its turns with <|end_of_turn|> after a few tokens."""
     ckpt = make_checkpoint(models_dir / "eager-starling", eot_logit=EAGER_EOT_LOGIT, seed=7)

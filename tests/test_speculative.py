@@ -83,8 +83,8 @@ def _reply(
 
 
 @pytest.fixture
-def distinct(distinct_f16: Path) -> Engine:
-    eng = Engine(distinct_f16, n_ctx=2048, speculate=True)
+def distinct(distinct_q8: Path) -> Engine:
+    eng = Engine(distinct_q8, n_ctx=2048, speculate=True)
     eng.use_batch_cost(FLAT)
     yield eng  # type: ignore[misc]
     eng.close()
@@ -155,29 +155,14 @@ def test_the_kv_cache_holds_exactly_the_kept_tokens(distinct: Engine, tmp_path: 
     assert resumed.stream.token_ids == fresh.stream.token_ids
 
 
-def _top_gap(engine: Engine, tokens: list[int]) -> float:
-    """The gap between the two best logits after `tokens` (evaluated in one batch)."""
-    import llama_cpp
-    import numpy as np
-
-    with engine.raw_context() as ctx:
-        arr = (llama_cpp.llama_token * len(tokens))(*tokens)
-        assert llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(tokens))) == 0
-        logits = np.ctypeslib.as_array(
-            llama_cpp.llama_get_logits_ith(ctx, -1), shape=(engine.vocab_size,)
-        )
-        top = np.sort(logits)[-2:]
-        return float(top[1] - top[0])
-
-
 def test_a_trained_model_gets_drafts_accepted_and_the_same_reply(smollm2: Engine) -> None:
-    """SmolLM2 on input-grounded prompts: most drafted tokens are kept, and the greedy reply is
-    the plain one token for token; where it is not, the two differ first at a near-tie (the
-    best two logits within 0.1), where llama.cpp's batched and single-token arithmetic round
-    differently (plain decoding with its prompt evaluated in another split differs there too)."""
-    greedy = SamplingParams(temperature=0.0, max_tokens=160)
-    drafted = accepted = identical = 0
+    """SmolLM2 on input-grounded prompts, replies running past 256 cached tokens (where
+    llama.cpp's CPU attention with an f16 cache would change method for single tokens): most
+    drafted tokens are kept, and every greedy reply is the plain one token for token."""
+    greedy = SamplingParams(temperature=0.0, max_tokens=256)
+    drafted = accepted = 0
     grounded = [p for p in default_prompts() if p.grounded]
+    deepest = 0
     for prompt in grounded:
         tokens = smollm2.render_chat(list(prompt.messages))
         results = []
@@ -190,40 +175,106 @@ def test_a_trained_model_gets_drafts_accepted_and_the_same_reply(smollm2: Engine
         (plain, _), (fast, stats) = results
         drafted += stats.draft_tokens
         accepted += stats.accepted_tokens
-        if fast == plain:
-            identical += 1
-            continue
-        at = next(i for i, (a, b) in enumerate(zip(plain, fast, strict=False)) if a != b)
-        assert _top_gap(smollm2, tokens + plain[:at]) < 0.1, (prompt.title, at)
-    assert identical >= len(grounded) - 2
+        assert fast == plain, prompt.title
+        deepest = max(deepest, len(tokens) + len(plain))
+    assert deepest > 300
     assert drafted > 300 and accepted / drafted > 0.7
 
 
-def test_ask_json_reports_drafts_and_speculation_is_opt_in(
-    distinct_f16: Path, starling_home: Path
-) -> None:
-    base = (
+def test_exact_deep_in_a_long_conversation(smollm2: Engine) -> None:
+    """A 700-token file to edit: the reply, past 512 cached tokens, is the plain one."""
+    code = "\n\n".join(
+        f"def handler_{i}(request, limit):\n    items = load(request, {i})\n"
+        f"    return [item for item in items if item.size < limit][:{i}]"
+        for i in range(16)
+    )
+    tokens = smollm2.render_chat(
+        [
+            {
+                "role": "user",
+                "content": f"{code}\n\nRename `limit` to `max_size` everywhere and "
+                "print the whole file.",
+            }
+        ]
+    )
+    assert len(tokens) > 600
+    greedy = SamplingParams(temperature=0.0, max_tokens=96)
+    replies = []
+    for speculate in (False, True):
+        smollm2.speculate = speculate
+        smollm2.clear_cache()
+        stream = smollm2.generate(tokens, greedy)
+        stream.consume()
+        replies.append(stream.token_ids)
+    assert replies[1] == replies[0]
+    assert stream.stats.accepted_tokens > 20
+
+
+def _ask(model: Path, home: Path, *flags: str) -> tuple[dict[str, object], str]:
+    r = starling(
         "ask",
         TINY_PROMPTS[0],
         "--model",
-        distinct_f16,
+        model,
         "--json",
         "--max-tokens",
         "64",
         "--temperature",
         "0",
         "--no-save",
+        *flags,
+        home=home,
     )
-    on = starling(*base, "--speculate", home=starling_home)
-    off = starling(*base, home=starling_home)  # off by default
-    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
-    a, b = json.loads(on.stdout), json.loads(off.stdout)
-    assert {"draft_tokens", "accepted_tokens"} <= set(a)
-    assert b["draft_tokens"] == 0 and b["accepted_tokens"] == 0
-    assert a["reply"] == b["reply"]
-    # The batch-cost curve was measured once, for this machine and model, and kept.
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), r.stderr
+
+
+def test_ask_json_reports_drafts_and_speculation_is_opt_in(
+    distinct_q8: Path, starling_home: Path
+) -> None:
+    """`--speculate` runs under the attention settings that make batches exact (on a CPU:
+    flash attention, q8_0 KV cache); plain decoding under the same settings gives the same
+    reply token for token."""
+    on, on_err = _ask(distinct_q8, starling_home, "--speculate")
+    off, _ = _ask(distinct_q8, starling_home, "--kv-type", "q8_0")  # off by default
+    assert on["draft_tokens"] > 0 and on["accepted_tokens"] > 0  # type: ignore[operator]
+    assert on["draft_limit"] >= 1 and "drafted nothing" not in on_err  # type: ignore[operator]
+    assert off["draft_tokens"] == 0 and off["draft_limit"] == 0
+    assert on["reply"] == off["reply"]
+    bad = starling("ask", "hi", "--model", distinct_q8, "--kv-type", "q8_0", "--no-flash-attn")
+    assert_one_line_error(bad, 1, "needs flash attention")
+    # The batch-cost curve and exact batch were measured once, for this machine and model.
     curves = json.loads((starling_home / "cache" / "batch-cost.json").read_text())
-    assert len(curves) == 1 and len(next(iter(curves.values()))["seconds"]) == len(SIZES)
+    assert len(curves) == 1
+    entry = next(iter(curves.values()))
+    assert len(entry["seconds"]) == len(SIZES) and entry["exact"] == on["draft_limit"] + 1
+
+
+def test_no_drafts_where_no_batch_is_exact(
+    distinct_q8: Path, distinct_f16: Path, starling_home: Path
+) -> None:
+    """Where a batch's logits are not bit for bit a single token's, nothing is drafted (a
+    draft could change the reply) and `ask` says why. Measured by the engine: with this
+    build, F16 weights go through llamafile's GEMM for any batch of two or more tokens."""
+    eng = Engine(distinct_q8, n_ctx=1024, speculate=True)
+    try:
+        assert eng.batch_cost().exact >= 2
+        eng.use_batch_cost(BatchCost((1.0,) * len(SIZES), exact=1))  # can only lower it
+        greedy = SamplingParams(temperature=0.0, max_tokens=64)
+        fast, stats = _reply(eng, TINY_PROMPTS[0], greedy, speculate=True)
+        plain, _ = _reply(eng, TINY_PROMPTS[0], greedy, speculate=False)
+        assert stats.draft_tokens == 0 and stats.draft_limit == 0  # type: ignore[attr-defined]
+        assert fast == plain
+    finally:
+        eng.close()
+    out, err = _ask(distinct_f16, starling_home, "--speculate")
+    if out["draft_limit"] == 0:
+        assert out["draft_tokens"] == 0
+        notes = [line for line in err.splitlines() if "drafted nothing" in line]
+        assert len(notes) == 1 and notes[0].startswith("starling: note:"), err
+        assert "Traceback" not in err
+    else:  # a build that batches F16 exactly
+        assert "drafted nothing" not in err
 
 
 def test_the_batch_cost_curve_is_measured_once_per_machine_and_model(tiny_q4: Path) -> None:

@@ -529,15 +529,15 @@ def test_branch_and_attached_file_snapshot(
 
 
 async def test_speculative_decoding_toggle_reloads_and_is_kept(
-    distinct_f16: Path, store: ConversationStore, starling_home: Path
+    distinct_q8: Path, store: ConversationStore, starling_home: Path
 ) -> None:
     """The palette's toggle turns speculative decoding on (the model reloads with flash
-    attention, which makes it exact), the status shows the drafts kept, and the choice is
-    saved for the next start."""
+    attention and a q8_0 KV cache, which make it exact on a CPU), the status shows the drafts
+    kept, and the choice is saved for the next start."""
     from starling_local.config import load_config
     from starling_local.engine.runtime import Engine
 
-    app = StarlingApp(model=str(distinct_f16), store=store, n_ctx=2048)
+    app = StarlingApp(model=str(distinct_q8), store=store, n_ctx=2048)
     async with app.run_test(size=SIZE) as pilot:
         s = await ready(pilot, app)
         first = app.service.engine
@@ -546,12 +546,13 @@ async def test_speculative_decoding_toggle_reloads_and_is_kept(
         await until(pilot, lambda: app.service.engine is not first and s.model_ready)
         engine = app.service.engine
         assert isinstance(engine, Engine) and engine.speculate and engine.flash_attn
+        assert engine.kv_type == ("q8_0" if engine.backend == "CPU" else "f16")
         assert load_config()["speculate"] is True
         s.settings = s.settings.with_sampling(temperature=0.0, max_tokens=200)
         await send(pilot, app, "1 2 3 4 5 1 2 3 4 5 1 2 3 4 5 1 2 3")
         await until(pilot, lambda: "drafts" in str(s.status.render()))
         assert "accepted" in str(s.status.render())
-    again = StarlingApp(model=str(distinct_f16), store=store, n_ctx=2048)
+    again = StarlingApp(model=str(distinct_q8), store=store, n_ctx=2048)
     async with again.run_test(size=SIZE) as pilot:
         await ready(pilot, again)
         engine = again.service.engine

@@ -74,21 +74,29 @@ def format_extra(f: dict[str, Any]) -> list[str]:
             "",
             "batch cost (ms per llama_decode of k tokens) -> expected speedup by acceptance",
         ]
-        header = "  model                      k=1/2/4/8/16 ms" + "".join(
+        header = "  model                      k=1/2/4/8/16 ms          exact" + "".join(
             f"   p={p:<4}" for p in ACCEPTANCES
         )
         lines.append(header)
         for name, c in f["batch_cost"].items():
             ms = "/".join(f"{v:.1f}" for v in c["ms"])
             gains = "".join(f"   {e['speedup']:>5.2f}x" for e in c["expected"])
-            lines.append(f"  {name[:26]:<26} {ms:<18}{gains}")
+            exact = c.get("exact_batch", "?")
+            lines.append(f"  {name[:26]:<26} {ms:<24} {exact:>5}{gains}")
+        lines.append("  (exact: the largest batch computed bit for bit as single tokens)")
         for name, c in f["batch_cost"].items():
             if "no_match" in c:
                 n = c["no_match"]
+                vs = (
+                    f"; vs plain under the default settings "
+                    f"{n['default_plain_tokens_per_s']:.1f} tok/s, {n['ratio_vs_default']:.3f}"
+                    if "ratio_vs_default" in n
+                    else ""
+                )
                 lines.append(
                     f"  {name}: no drafts match (random weights): speculative / plain decode "
                     f"{n['speculative_tokens_per_s']:.1f} / {n['plain_tokens_per_s']:.1f} tok/s, "
-                    f"ratio {n['ratio']:.3f} (median of paired rounds)"
+                    f"ratio {n['ratio']:.3f} (median of paired rounds){vs}"
                 )
     for shape_figures in f.get("long_context", {}).values():
         lines += format_depths(shape_figures)

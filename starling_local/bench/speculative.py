@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from starling_local.bench.prompts import BenchPrompt
-from starling_local.engine.batch_cost import BatchCost
+from starling_local.engine.batch_cost import MOST_EXACT, BatchCost
 from starling_local.engine.lookup import best_draft
 from starling_local.engine.runtime import Engine, SamplingParams
 from starling_local.gguf.info import read_gguf
@@ -34,6 +34,9 @@ class PromptRun:
     acceptance: float
     identical: bool
     first_difference: int | None
+    default_plain_s: float | None = None
+    """Plain decoding under the default attention settings (None where they are the same)."""
+    default_tokens: int | None = None
 
 
 def prompt_tokens(engine: Engine, prompt: BenchPrompt, starling: bool) -> list[int]:
@@ -96,12 +99,20 @@ def _totals(runs: list[PromptRun]) -> dict[str, Any]:
     spec_tokens = sum(r.speculative_tokens for r in runs)
     plain_rate = tokens / plain if plain else 0.0
     spec_rate = spec_tokens / spec if spec else 0.0
+    default = [r for r in runs if r.default_plain_s]
+    default_rate = (
+        sum(r.default_tokens or 0 for r in default) / sum(r.default_plain_s or 0.0 for r in default)
+        if default
+        else plain_rate
+    )
     return {
         "prompts": len(runs),
         "tokens": tokens,
         "plain_tokens_per_s": plain_rate,
         "speculative_tokens_per_s": spec_rate,
         "speedup": spec_rate / plain_rate if plain_rate else 0.0,
+        "default_plain_tokens_per_s": default_rate,
+        "speedup_vs_default": spec_rate / default_rate if default_rate else 0.0,
         "acceptance": accepted / drafted if drafted else 0.0,
         "accepted_share": accepted / spec_tokens if spec_tokens else 0.0,
         "identical": all(r.identical for r in runs),
@@ -133,12 +144,24 @@ def speculative_figures(
             "backend": engine.backend,
             "threads": engine.n_threads,
             "flash_attn": engine.flash_attn,
+            "kv_type": engine.kv_type,
             "max_tokens": max_tokens,
             "batch_cost": cost.as_dict(),
-            "runs": [asdict(r) for r in runs],
         }
+        settings = (engine.flash_attn, engine.kv_type)
     finally:
         engine.close()
+    # What a user switching `--speculate` on sees: plain decoding under the default settings.
+    plain = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers, starling=starling)
+    try:
+        figures["default_settings"] = {"flash_attn": plain.flash_attn, "kv_type": plain.kv_type}
+        if (plain.flash_attn, plain.kv_type) != settings:
+            for run, p in zip(runs, prompts, strict=True):
+                ids, seconds, _ = _timed(plain, prompt_tokens(plain, p, starling), max_tokens)
+                run.default_plain_s, run.default_tokens = seconds, len(ids)
+    finally:
+        plain.close()
+    figures["runs"] = [asdict(r) for r in runs]
     grounded = [r for r in runs if r.grounded]
     figures.update(_totals(grounded or runs))
     if not custom:
@@ -171,19 +194,28 @@ def curve_figures(
             "speculative_tokens_per_s": max(spec),
             "ratio": ratios[len(ratios) // 2],
         }
-        return figures
     finally:
         engine.close()
+    default = Engine(path, n_ctx=1024, n_gpu_layers=n_gpu_layers)
+    try:  # plain decoding under the default attention settings (what `--speculate` changes)
+        best = max(starling_decode(default, tokens) for _ in range(rounds))
+        figures["no_match"]["default_plain_tokens_per_s"] = best
+        figures["no_match"]["ratio_vs_default"] = max(spec) / best
+    finally:
+        default.close()
+    return figures
 
 
 def expected_speedups(
     curve: dict[str, Any], acceptances: tuple[float, ...]
 ) -> list[dict[str, Any]]:
-    """For each per-token acceptance: the best draft length on this curve and its speedup."""
+    """For each per-token acceptance: the best draft length on this curve (within the largest
+    exact batch, where it was measured) and its speedup."""
     cost = BatchCost(tuple(ms / 1000 for ms in curve["ms"])).relative()
+    most = int(curve.get("exact_batch", MOST_EXACT)) - 1
     rows = []
     for p in acceptances:
-        k, gain = best_draft(p, cost)
+        k, gain = best_draft(p, cost, most)
         rows.append({"acceptance": p, "draft": k, "speedup": round(gain, 3)})
     return rows
 
@@ -214,6 +246,14 @@ def format_speculative(f: dict[str, Any]) -> list[str]:
         f"{f['accepted_share']:.0%} of tokens drafted, identical {f['identical_prompts']}/"
         f"{f['prompts']}"
     )
+    d = f.get("default_settings")
+    if d and "speedup_vs_default" in f:
+        lines.append(
+            f"  vs plain decoding under the default settings (flash attention "
+            f"{'on' if d['flash_attn'] else 'off'}, KV {d['kv_type']}; speculative: "
+            f"{'on' if f['flash_attn'] else 'off'}, {f.get('kv_type', 'f16')}): "
+            f"{f['default_plain_tokens_per_s']:.1f} tok/s, speedup {f['speedup_vs_default']:.3f}"
+        )
     if "open" in f and f["open"]["prompts"]:
         o = f["open"]
         lines.append(

@@ -26,6 +26,9 @@ class EngineSpec:
     speculate: bool | None = None
     """Speculative decoding with drafts looked up in the conversation (None: off, or the
     app's saved choice; see `engine.runtime.Engine.speculate`)."""
+    flash_attn: bool | None = None
+    kv_type: str | None = None
+    """Attention settings (None: the defaults, see `engine.runtime.default_attention`)."""
 
     def with_env(self) -> EngineSpec:
         """Fill what was not given from `STARLING_REMOTE` and `STARLING_REMOTE_API_KEY`."""
@@ -63,5 +66,7 @@ def open_engine(
         n_gpu_layers=spec.n_gpu_layers,
         on_progress=on_progress,
         speculate=bool(spec.speculate),
+        flash_attn=spec.flash_attn,
+        kv_type=spec.kv_type,
     )
     return engine, display_name(engine.path)

@@ -186,6 +186,10 @@ def run_ask(args: argparse.Namespace) -> int:
     if outcome.error:
         raise StarlingError(f"the reply stopped: {outcome.error}")
     stats = outcome.stats
+    if getattr(args, "speculate", None) and stats.completion_tokens and not stats.draft_limit:
+        from starling_local.engine.batch_cost import NO_EXACT_BATCH
+
+        print(f"starling: note: {NO_EXACT_BATCH}", file=sys.stderr)
     if args.json:
         out = {
             "reply": outcome.text,

@@ -32,6 +32,20 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="layers to offload to the GPU (default: all when the build supports it)",
     )
+    group.add_argument(
+        "--flash-attn",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="llama.cpp's flash attention (default: off on a CPU, where long conversations "
+        "decode faster without it; on on a GPU and with --speculate)",
+    )
+    group.add_argument(
+        "--kv-type",
+        choices=["f16", "q8_0"],
+        default=None,
+        help="KV cache element type; q8_0 halves the cache and needs flash attention "
+        "(default: f16; q8_0 with --speculate on a CPU)",
+    )
     add_speculate_option(group)
 
 
@@ -41,9 +55,11 @@ def add_speculate_option(parser: Any) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="speculative decoding: tokens drafted from the conversation, verified by the model "
-        "in one batch (the same reply, faster where it repeats its context: code edits, "
-        "quotes, reformatting; turns flash attention on; default: off, or the app's saved "
-        "choice)",
+        "in one batch, faster where the reply repeats its context (code edits, quotes, "
+        "reformatting). On a CPU it turns on flash attention and a q8_0 KV cache, the "
+        "settings under which llama.cpp computes a batch exactly as single tokens: the reply "
+        "is then token for token that of --no-speculate --flash-attn --kv-type q8_0 "
+        "(default: off, or the app's saved choice)",
     )
 
 
@@ -81,6 +97,8 @@ def engine_spec(args: argparse.Namespace, model: str | None = None) -> Any:
         remote_model=getattr(args, "remote_model", None),
         remote_api_key=getattr(args, "remote_api_key", None),
         speculate=getattr(args, "speculate", None),
+        flash_attn=getattr(args, "flash_attn", None),
+        kv_type=getattr(args, "kv_type", None),
     ).with_env()
 
 

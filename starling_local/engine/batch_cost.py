@@ -1,9 +1,13 @@
-"""What one `llama_decode` of k tokens costs on this machine, relative to one token.
+"""What one `llama_decode` of k tokens costs on this machine, relative to one token, and up to
+which k its logits are exactly those of decoding the k tokens one at a time.
 
 Speculative decoding pays only where verifying k drafted tokens costs little more than decoding
 one: on a GPU or Apple Silicon (memory-bound) a batch of 8 costs about one token, on a small
-CPU 4-5 tokens. The engine measures the curve once per machine and model and keeps it in the
-cache directory.
+CPU 4-5 tokens. And it is exact only where a batch's logits are bit for bit a single token's:
+llama.cpp picks its kernels by batch size (on x86, repacked Q4_K weights go through a 4-row
+GEMM from 4 rows on, K-quants through a tiled GEMM from 8, F16 weights through llamafile's
+GEMM from 2), so the limit depends on the machine, the build and the model's quant types.
+The engine measures both once per machine and model and keeps them in the cache directory.
 """
 
 from __future__ import annotations
@@ -25,13 +29,27 @@ SIZES = (1, 2, 4, 8, 16)
 #: Tokens in the cache while measuring (attention over nothing would flatter big batches).
 _CONTEXT = 64
 _REPEATS = 5
+#: The largest batch checked for exactness (the pending token and 15 drafts).
+MOST_EXACT = 16
+#: Tokens in the cache during the exactness check: past 256, where llama.cpp's CPU attention
+#: for a single token can change method (its view of the cache grows to 512).
+_EXACT_CONTEXT = 260
+
+#: Said when speculative decoding is on but `BatchCost.exact` is 1.
+NO_EXACT_BATCH = (
+    "speculative decoding drafted nothing: with this model on this machine, llama.cpp does not "
+    "compute a batch's logits exactly as single tokens', so drafts could change the reply"
+)
 
 
 @dataclass(frozen=True)
 class BatchCost:
-    """Seconds per `llama_decode` of each of `SIZES` tokens (logits for all of them)."""
+    """Seconds per `llama_decode` of each of `SIZES` tokens (logits for all of them), and the
+    largest batch (up to `MOST_EXACT`) whose logits, like those of every smaller batch, are
+    bit for bit those of decoding its tokens one at a time (1: no batch is)."""
 
     seconds: tuple[float, ...]
+    exact: int = MOST_EXACT
 
     def relative(self, limit: int = 17) -> list[float]:
         """`r[n]`: a batch of n tokens relative to one (n = 0..limit, `r[1]` = 1),
@@ -53,6 +71,7 @@ class BatchCost:
             "k": list(SIZES),
             "ms": [round(s * 1000, 3) for s in self.seconds],
             "relative": [round(s / self.seconds[0], 3) for s in self.seconds],
+            "exact_batch": self.exact,
         }
 
 
@@ -76,7 +95,34 @@ def measure(llm: Any, adapter: Any, repeats: int = _REPEATS) -> BatchCost:
                 best[i] = min(best[i], time.perf_counter() - start)
     finally:
         adapter.clear_cache(llm)
-    return BatchCost(tuple(best))
+    return BatchCost(tuple(best), exact_batch(llm, adapter))
+
+
+def exact_batch(llm: Any, adapter: Any, most: int = MOST_EXACT) -> int:
+    """The largest n <= `most` such that decoding n tokens (and any fewer) in one batch gives
+    logits bit-identical to decoding them one at a time, after `_EXACT_CONTEXT` cached
+    tokens; the cache is empty afterwards."""
+    most = min(most, adapter.max_batch(llm))
+    tokens = [100 + (7 * i) % 1000 for i in range(_EXACT_CONTEXT + most)]
+    context, probe = tokens[:_EXACT_CONTEXT], tokens[_EXACT_CONTEXT:]
+    adapter.clear_cache(llm)
+    try:
+        for start in range(0, len(context), adapter.max_batch(llm)):
+            adapter.decode(llm, context[start : start + adapter.max_batch(llm)], outputs=0)
+        single = []
+        for token in probe:
+            adapter.decode(llm, [token], outputs=1)
+            single.append(adapter.logits_bytes(llm, 0))
+        exact = 1
+        for n in range(2, most + 1):
+            adapter.truncate_cache(llm, _EXACT_CONTEXT)
+            adapter.decode(llm, probe[:n], outputs=n)
+            if any(adapter.logits_bytes(llm, i) != single[i] for i in range(n)):
+                break
+            exact = n
+    finally:
+        adapter.clear_cache(llm)
+    return exact
 
 
 def cache_key(model_key: str, details: Sequence[object]) -> str:
@@ -95,11 +141,12 @@ def load_cached(path: Path, key: str) -> BatchCost | None:
     try:
         entry = json.loads(path.read_text(encoding="utf-8")).get(key)
         seconds = tuple(float(s) for s in entry["seconds"])
+        exact = int(entry["exact"])
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-    if len(seconds) != len(SIZES) or min(seconds) <= 0:
+    if len(seconds) != len(SIZES) or min(seconds) <= 0 or not 1 <= exact <= MOST_EXACT:
         return None
-    return BatchCost(seconds)
+    return BatchCost(seconds, exact)
 
 
 def save_cached(path: Path, key: str, cost: BatchCost) -> None:
@@ -109,7 +156,7 @@ def save_cached(path: Path, key: str, cost: BatchCost) -> None:
             data = {}
     except (OSError, ValueError):
         data = {}
-    data[key] = {"seconds": list(cost.seconds), "measured": time.time()}
+    data[key] = {"seconds": list(cost.seconds), "exact": cost.exact, "measured": time.time()}
     try:
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")

@@ -36,6 +36,7 @@ _LOW_LEVEL = (
     "llama_state_seq_get_size",
     "llama_state_seq_get_data",
     "llama_state_seq_set_data",
+    "llama_get_logits_ith",
 )
 _patch_lock = threading.Lock()
 
@@ -176,6 +177,13 @@ def decode(llm: Any, tokens: Sequence[int], outputs: int = 1) -> None:
     on_compute_thread(llm._ctx.decode, llm._batch)
     llm.input_ids[n_past : n_past + n] = tokens
     llm.n_tokens = n_past + n
+
+
+def logits_bytes(llm: Any, index: int) -> bytes:
+    """The raw float32 logits of the `index`-th token of the last `decode` (for comparing two
+    computations bit for bit)."""
+    row = llama_cpp.llama_get_logits_ith(context_pointer(llm), index)
+    return ctypes.string_at(row, 4 * int(llm.n_vocab()))
 
 
 def max_batch(llm: Any) -> int:

@@ -92,6 +92,9 @@ class DraftPolicy:
 
     cost: Sequence[float]
     """`cost[n]`: a batch of n tokens relative to one token (`cost[1]` = 1)."""
+    most: int = MAX_DRAFT
+    """The most drafted tokens one batch may hold (the machine's largest exact batch, less
+    the pending token)."""
     margin: float = 1.03
     explore_every: int = 8
     """When drafting does not look worth it, still verify one or two drafted tokens at every

@@ -12,7 +12,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -53,13 +53,19 @@ def default_attention(backend_name: str, speculate: bool) -> AttentionChoice:
 
     CPU: flash attention off, for long conversations: decode at depth 2,048 / 4,096 / 7,936
     ran 1.34x / 1.55x / 1.81x faster without it (0.5B shape, 2 cores; the 7B shape at 2,048:
-    5.44 vs 3.92 tok/s), for 10% at depth 0. But with it off, llama.cpp computes one token's
-    logits differently from a batch's, so speculative decoding turns it on (its verified
-    batches then match single-token decoding: 12 of 12 SmolLM2 replies identical, vs 5 of
-    12). GPUs: on (CUDA, 7B: 253 vs 220 tok/s at depth 0, 184 vs 154 at 7,936). The KV cache
-    stays f16: q8_0 decoded no faster anywhere and evaluated prompts 5x slower on the CPU at
-    depth 7,936 (9.9 vs 48.8 tok/s)."""
-    return AttentionChoice(flash_attn=speculate or backend_name != "CPU", kv_type="f16")
+    5.44 vs 3.92 tok/s), for 10% at depth 0. The KV cache stays f16: q8_0 decoded no faster
+    and evaluated prompts 5x slower on the CPU at depth 7,936 (9.9 vs 48.8 tok/s).
+    GPUs: on (CUDA, 7B: 253 vs 220 tok/s at depth 0, 184 vs 154 at 7,936).
+
+    Speculative decoding needs a verified batch's logits to be bit for bit a single token's.
+    On the CPU that takes flash attention with a q8_0 KV cache: without flash attention the
+    attention products of a batch go through another GEMM than one token's (0.3-0.8 apart),
+    and with an f16 cache llama.cpp splits one token's attention across threads once the
+    cache passes 256 tokens (0.5-1.0 apart). With q8_0 both take the same kernel at any depth
+    (`scripts/batch_logits.py`: 0 difference at 221 to 3,000 cached tokens)."""
+    if backend_name == "CPU":
+        return AttentionChoice(flash_attn=speculate, kv_type="q8_0" if speculate else "f16")
+    return AttentionChoice(flash_attn=True, kv_type="f16")
 
 
 #: llama.cpp's "pick a random seed" value.
@@ -124,6 +130,9 @@ class GenerationStats:
     """Tokens proposed by speculative decoding (lookup in the conversation) and verified."""
     accepted_tokens: int = 0
     """Of those, the ones the model agreed with (each saved one decoding step)."""
+    draft_limit: int = 0
+    """The most drafted tokens one step could verify (0: speculation off, or no batch of
+    two tokens computes its logits exactly as single tokens on this machine)."""
 
     @property
     def acceptance(self) -> float:
@@ -147,6 +156,7 @@ class GenerationStats:
             "stop_reason": self.stop_reason,
             "draft_tokens": self.draft_tokens,
             "accepted_tokens": self.accepted_tokens,
+            "draft_limit": self.draft_limit,
         }
 
 
@@ -252,8 +262,10 @@ class Engine:
             n_gpu_layers = -1 if offload else 0
         self.n_threads = n_threads or physical_cores()
         choice = default_attention(self.backend, speculate)
-        self.flash_attn = choice.flash_attn if flash_attn is None else flash_attn
-        self.kv_type = kv_type or choice.kv_type
+        self.kv_type = kv_type or (choice.kv_type if flash_attn is not False else "f16")
+        self.flash_attn = (
+            flash_attn if flash_attn is not None else choice.flash_attn or self.kv_type != "f16"
+        )
         if self.kv_type not in KV_TYPES:
             choices = ", ".join(KV_TYPES)
             raise EngineError(f"KV cache type {self.kv_type!r}: choose one of {choices}")
@@ -310,10 +322,11 @@ class Engine:
         )
         self.speculate = speculate
         """Verify tokens drafted from the conversation itself in each decoding step: each token
-        is still the model's own choice (see `_tokens`); faster where the reply repeats its
-        context. Off by default: exact only with flash attention, which long conversations
-        on a CPU pay for (see `default_attention`); on a GPU not exact (llama.cpp rounds a
-        batch differently from one token there) and not faster on the models measured."""
+        is still the model's own choice (see `_tokens`), in batches no larger than the
+        machine computes exactly as single tokens (measured, see `batch_cost`); faster where
+        the reply repeats its context. Off by default: on a CPU it needs flash attention and
+        a q8_0 KV cache, which long conversations and long prompts pay for (see
+        `default_attention`)."""
         self._cost: BatchCost | None = None
         self._policy: DraftPolicy | None = None
         if self.speculate and not vocab_only:
@@ -533,7 +546,8 @@ class Engine:
             policy.new_reply()
         pending = prompt[-1]
         emitted = 0
-        limit = min(MAX_DRAFT, adapter.max_batch(llm) - 1)
+        limit = min(MAX_DRAFT, adapter.max_batch(llm) - 1, policy.most if policy else 0)
+        stats.draft_limit = limit
         while True:
             drafted: tuple[int, ...] = ()
             match = 0
@@ -568,7 +582,8 @@ class Engine:
         """The drafting policy, from this machine's batch-cost curve for this model (measured
         once, then read from the cache directory)."""
         if self._policy is None:
-            self._policy = DraftPolicy(self._measured_cost(llm).relative())
+            cost = self._measured_cost(llm)
+            self._policy = DraftPolicy(cost.relative(), most=cost.exact - 1)
         return self._policy
 
     def _measured_cost(self, llm: Any, fresh: bool = False) -> BatchCost:
@@ -600,9 +615,11 @@ class Engine:
 
     def use_batch_cost(self, cost: BatchCost) -> None:
         """Draft as if decoding cost `cost` (tests and benchmarks: "what if the machine's
-        curve were flat"); the acceptance seen so far is forgotten."""
+        curve were flat"); the acceptance seen so far is forgotten. The largest exact batch
+        is never more than the measured one."""
         with self._context:
-            self._cost = cost
+            measured = self._measured_cost(self._open_llm())
+            self._cost = replace(cost, exact=min(cost.exact, measured.exact))
             self._policy = None
 
     def batch_cost(self, fresh: bool = False) -> BatchCost:

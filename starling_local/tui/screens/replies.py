@@ -92,6 +92,9 @@ class ReplyStreaming(ConversationCommands):
                 context=f"{used + message.tokens}/{n_ctx} tokens",  # live while it streams
             )
 
+    def _speculating(self) -> bool:
+        return bool(getattr(self.service.engine, "speculate", False))
+
     def _fold_while_streaming(self, view: MessageView) -> None:
         if view is self.reply_view:  # not once the reply has ended (and everything unfolded)
             self.chat.fold_above_view(view)
@@ -117,9 +120,11 @@ class ReplyStreaming(ConversationCommands):
         self.reply_view = None
         tps = outcome.stats.decode_tokens_per_s if outcome else 0.0
         speed = f"{tps:.1f} tok/s" if tps else ""
-        if outcome is not None and outcome.stats.draft_tokens:
-            st = outcome.stats
+        st = outcome.stats if outcome is not None else None
+        if st is not None and st.draft_tokens:
             speed += f", drafts {st.accepted_tokens}/{st.draft_tokens} accepted"
+        elif st and st.completion_tokens and not st.draft_limit and self._speculating():
+            speed += ", no drafts: batches are not exact here"
         self.status.set(state="", speed=speed)
         self.render_lag_s = time.perf_counter() - message.generated_at
         if self.cid is not None:

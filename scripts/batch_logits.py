@@ -1,11 +1,15 @@
 """Does llama.cpp compute a batch's logits as it computes one token's? (speculative exactness)
 
-python scripts/batch_logits.py MODEL.gguf [--k 8] [--prompts 221,241,251,261,471] [--no-flash-attn]
+python scripts/batch_logits.py MODEL.gguf [--k 8] [--prompts 221,241,251,261,471]
+                               [--no-flash-attn] [--kv-type f16|q8_0] [--ctx 1024]
 
 After a prompt of each length, the same k tokens are decoded one at a time and then as one batch
 (the verification step of speculative decoding); printed per position: the largest difference
-between the two logits vectors (0: bit-identical). On a CPU with flash attention, positions from
-256 on differ: llama.cpp then splits a single token's attention across threads.
+between the two logits vectors (0: bit-identical). On a CPU with flash attention and an f16 KV
+cache, positions from 256 on differ: llama.cpp then splits a single token's attention across
+threads. With a q8_0 KV cache they do not (0 at 221 to 3,000 cached tokens on SmolLM2); the
+weights' GEMMs set the batch size up to which rows agree (repacked Q4_K: 3, other K-quants: 7,
+Q8_0 and Q4_1: 16 or more, F16: 1), which the engine measures for itself (`batch_cost`).
 """
 
 from __future__ import annotations

@@ -54,8 +54,13 @@ def test_the_policy_drafts_only_what_the_cost_curve_pays_for() -> None:
     assert policy.length(match=12, available=8) > 0  # a long match: likely right
     for _ in range(20):
         policy.record(match=12, drafted=4, accepted=0)
-    chances = [policy.length(match=12, available=8) for _ in range(16)]
-    assert 0 < sum(k > 0 for k in chances) <= 2  # off, but it keeps looking now and then
+    chances = [policy.length(match=12, available=8) for _ in range(48)]
+    assert 0 < sum(k > 0 for k in chances) <= 3  # off, but it keeps looking now and then
+    cheap = DraftPolicy(BatchCost((10.0, 10.5, 11.0, 12.0, 14.0)).relative())  # a GPU's curve
+    for _ in range(20):
+        cheap.record(match=12, drafted=4, accepted=0)
+    probes = sum(cheap.length(match=12, available=8) > 0 for _ in range(48))
+    assert probes > sum(k > 0 for k in chances)  # where a failed probe costs little: more
     for _ in range(40):
         policy.record(match=12, drafted=4, accepted=4)
     assert policy.length(match=12, available=8) > 0  # and turns back on
@@ -67,6 +72,13 @@ def test_relative_cost_is_interpolated_and_never_falls() -> None:
     assert cost[3] == pytest.approx(1.2)  # measured 1.1 at 4: noise, not cheaper
     assert cost[6] == pytest.approx(1.1 + (3.0 - 1.1) / 2)
     assert cost[17] == pytest.approx(5.0 * 17 / 16)
+    # The 7B shape on this CPU, every size to 3 timed: a batch of 3 is three single-row passes.
+    ms = (317.0, 561.3, 980.0, 564.3, 1297.9, 1628.4)
+    seven = BatchCost(tuple(t / 1000 for t in ms), 3, (1, 2, 3, 4, 8, 16))
+    assert seven.relative()[3] == pytest.approx(980.0 / 317.0)
+    assert best_draft(0.9, seven.relative(), 2)[0] == 1  # not 2: that batch costs 3.1 tokens
+    assert seven.as_dict()["k"] == list(SIZES) and seven.as_dict()["ms"][2] == 564.3
+    assert seven.as_dict()["all_k"] == [1, 2, 3, 4, 8, 16]
 
 
 def _reply(
@@ -247,7 +259,10 @@ def test_ask_json_reports_drafts_and_speculation_is_opt_in(
     curves = json.loads((starling_home / "cache" / "batch-cost.json").read_text())
     assert len(curves) == 1
     entry = next(iter(curves.values()))
-    assert len(entry["seconds"]) == len(SIZES) and entry["exact"] == on["draft_limit"] + 1
+    assert set(SIZES) <= set(entry["sizes"]) and len(entry["seconds"]) == len(entry["sizes"])
+    # Every size up to the exact batch is timed (costs jump between the standard sizes).
+    assert set(range(1, min(entry["exact"], 8) + 1)) <= set(entry["sizes"])
+    assert entry["exact"] >= on["draft_limit"] + 1  # type: ignore[operator]
 
 
 def test_no_drafts_where_no_batch_is_exact(

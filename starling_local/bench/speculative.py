@@ -211,7 +211,10 @@ def expected_speedups(
 ) -> list[dict[str, Any]]:
     """For each per-token acceptance: the best draft length on this curve (within the largest
     exact batch, where it was measured) and its speedup."""
-    cost = BatchCost(tuple(ms / 1000 for ms in curve["ms"])).relative()
+    cost = BatchCost(
+        tuple(ms / 1000 for ms in curve.get("all_ms", curve["ms"])),
+        sizes=tuple(curve.get("all_k", curve["k"])),
+    ).relative()
     most = int(curve.get("exact_batch", MOST_EXACT)) - 1
     rows = []
     for p in acceptances:

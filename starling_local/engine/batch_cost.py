@@ -42,20 +42,27 @@ NO_EXACT_BATCH = (
 )
 
 
+#: Below the largest exact batch, every size up to this one is timed too: costs are not smooth
+#: between the sizes in `SIZES` (repacked weights take a 4-row GEMM, so on the 7B shape a batch
+#: of 3 costs 3.1 tokens where 2 cost 1.8 and 4 cost 1.8).
+_EVERY_SIZE_UP_TO = 8
+
+
 @dataclass(frozen=True)
 class BatchCost:
-    """Seconds per `llama_decode` of each of `SIZES` tokens (logits for all of them), and the
+    """Seconds per `llama_decode` of each of `sizes` tokens (logits for all of them), and the
     largest batch (up to `MOST_EXACT`) whose logits, like those of every smaller batch, are
     bit for bit those of decoding its tokens one at a time (1: no batch is)."""
 
     seconds: tuple[float, ...]
     exact: int = MOST_EXACT
+    sizes: tuple[int, ...] = SIZES
 
     def relative(self, limit: int = 17) -> list[float]:
         """`r[n]`: a batch of n tokens relative to one (n = 0..limit, `r[1]` = 1),
         interpolated between the measured sizes and never decreasing."""
         base = self.seconds[0]
-        points = [(size, s / base) for size, s in zip(SIZES, self.seconds, strict=True)]
+        points = [(size, s / base) for size, s in zip(self.sizes, self.seconds, strict=True)]
         out = [0.0, 1.0]
         for n in range(2, limit + 1):
             value = points[-1][1] * n / points[-1][0]  # past the last size: linear from 0
@@ -66,36 +73,48 @@ class BatchCost:
             out.append(max(value, out[-1]))
         return out
 
+    def at(self, size: int) -> float:
+        """Seconds for a batch of `size` (one of `SIZES`)."""
+        return self.seconds[self.sizes.index(size)]
+
     def as_dict(self) -> dict[str, Any]:
+        """The `SIZES` figures (`k`, `ms`, `relative`), every size timed (`all_k`, `all_ms`),
+        and the largest exact batch."""
+        base = self.seconds[0]
         return {
             "k": list(SIZES),
-            "ms": [round(s * 1000, 3) for s in self.seconds],
-            "relative": [round(s / self.seconds[0], 3) for s in self.seconds],
+            "ms": [round(self.at(k) * 1000, 3) for k in SIZES],
+            "relative": [round(self.at(k) / base, 3) for k in SIZES],
+            "all_k": list(self.sizes),
+            "all_ms": [round(s * 1000, 3) for s in self.seconds],
             "exact_batch": self.exact,
         }
 
 
 def measure(llm: Any, adapter: Any, repeats: int = _REPEATS) -> BatchCost:
-    """Time a decode of each of `SIZES` tokens after `_CONTEXT` cached ones, the sizes taken
-    in turn `repeats` times (machine noise hits all alike; the best time of each counts); the
-    cache is empty afterwards."""
-    tokens = [100 + i % 1000 for i in range(_CONTEXT + max(SIZES))]
-    best = [float("inf")] * len(SIZES)
+    """The largest exact batch (see `exact_batch`), then the time of a decode of each of
+    `SIZES` tokens and of every size up to the exact batch (at most `_EVERY_SIZE_UP_TO`),
+    after `_CONTEXT` cached tokens, the sizes taken in turn `repeats` times (machine noise
+    hits all alike; the best time of each counts); the cache is empty afterwards."""
+    exact = exact_batch(llm, adapter)
+    sizes = tuple(sorted({*SIZES, *range(1, min(exact, _EVERY_SIZE_UP_TO) + 1)}))
+    tokens = [100 + i % 1000 for i in range(_CONTEXT + max(sizes))]
+    best = [float("inf")] * len(sizes)
     adapter.clear_cache(llm)
     try:
         adapter.decode(llm, tokens[:_CONTEXT])
-        for size in SIZES:  # a first decode of each size sets up its compute graph: not timed
+        for size in sizes:  # a first decode of each size sets up its compute graph: not timed
             adapter.truncate_cache(llm, _CONTEXT)
             adapter.decode(llm, tokens[_CONTEXT : _CONTEXT + size], outputs=size)
         for _ in range(repeats):
-            for i, size in enumerate(SIZES):
+            for i, size in enumerate(sizes):
                 adapter.truncate_cache(llm, _CONTEXT)
                 start = time.perf_counter()
                 adapter.decode(llm, tokens[_CONTEXT : _CONTEXT + size], outputs=size)
                 best[i] = min(best[i], time.perf_counter() - start)
     finally:
         adapter.clear_cache(llm)
-    return BatchCost(tuple(best), exact_batch(llm, adapter))
+    return BatchCost(tuple(best), exact, sizes)
 
 
 def exact_batch(llm: Any, adapter: Any, most: int = MOST_EXACT) -> int:
@@ -141,12 +160,19 @@ def load_cached(path: Path, key: str) -> BatchCost | None:
     try:
         entry = json.loads(path.read_text(encoding="utf-8")).get(key)
         seconds = tuple(float(s) for s in entry["seconds"])
+        sizes = tuple(int(n) for n in entry["sizes"])
         exact = int(entry["exact"])
     except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
-    if len(seconds) != len(SIZES) or min(seconds) <= 0 or not 1 <= exact <= MOST_EXACT:
+    if (
+        len(seconds) != len(sizes)
+        or not set(SIZES) <= set(sizes)
+        or list(sizes) != sorted(set(sizes))
+        or min(seconds) <= 0
+        or not 1 <= exact <= MOST_EXACT
+    ):
         return None
-    return BatchCost(seconds, exact)
+    return BatchCost(seconds, exact, sizes)
 
 
 def save_cached(path: Path, key: str, cost: BatchCost) -> None:
@@ -156,7 +182,12 @@ def save_cached(path: Path, key: str, cost: BatchCost) -> None:
             data = {}
     except (OSError, ValueError):
         data = {}
-    data[key] = {"seconds": list(cost.seconds), "exact": cost.exact, "measured": time.time()}
+    data[key] = {
+        "seconds": list(cost.seconds),
+        "sizes": list(cost.sizes),
+        "exact": cost.exact,
+        "measured": time.time(),
+    }
     try:
         with atomic_output(path) as tmp:
             tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")

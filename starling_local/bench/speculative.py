@@ -134,11 +134,23 @@ def speculative_figures(
     # Constructed speculating: the attention it then uses (see `default_attention`) serves
     # both runs, so the comparison is of the decoding alone.
     engine = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers, starling=starling, speculate=True)
+    # And what a user switching `--speculate` on compares with: plain decoding under the
+    # default settings, run right after each prompt's pair (machine noise drifts over minutes).
+    default = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers, starling=starling)
+    defaults = {"flash_attn": default.flash_attn, "kv_type": default.kv_type}
+    plain: Engine | None = default
     try:
+        if (default.flash_attn, default.kv_type) == (engine.flash_attn, engine.kv_type):
+            default.close()
+            plain = None
         cost = engine.batch_cost(fresh=True)
-        runs = [
-            run_prompt(engine, p, prompt_tokens(engine, p, starling), max_tokens) for p in prompts
-        ]
+        runs = []
+        for p in prompts:
+            run = run_prompt(engine, p, prompt_tokens(engine, p, starling), max_tokens)
+            if plain is not None:
+                ids, seconds, _ = _timed(plain, prompt_tokens(plain, p, starling), max_tokens)
+                run.default_plain_s, run.default_tokens = seconds, len(ids)
+            runs.append(run)
         figures: dict[str, Any] = {
             "model": str(path),
             "backend": engine.backend,
@@ -147,21 +159,13 @@ def speculative_figures(
             "kv_type": engine.kv_type,
             "max_tokens": max_tokens,
             "batch_cost": cost.as_dict(),
+            "default_settings": defaults,
+            "runs": [asdict(r) for r in runs],
         }
-        settings = (engine.flash_attn, engine.kv_type)
     finally:
         engine.close()
-    # What a user switching `--speculate` on sees: plain decoding under the default settings.
-    plain = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers, starling=starling)
-    try:
-        figures["default_settings"] = {"flash_attn": plain.flash_attn, "kv_type": plain.kv_type}
-        if (plain.flash_attn, plain.kv_type) != settings:
-            for run, p in zip(runs, prompts, strict=True):
-                ids, seconds, _ = _timed(plain, prompt_tokens(plain, p, starling), max_tokens)
-                run.default_plain_s, run.default_tokens = seconds, len(ids)
-    finally:
-        plain.close()
-    figures["runs"] = [asdict(r) for r in runs]
+        if plain is not None:
+            plain.close()
     grounded = [r for r in runs if r.grounded]
     figures.update(_totals(grounded or runs))
     if not custom:

@@ -13,7 +13,7 @@ from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
 from starling_local.engine.batch_cost import SIZES, BatchCost
 from starling_local.engine.lookup import DraftPolicy, LookupDrafter, best_draft
-from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.runtime import Engine, GenerationStats, SamplingParams
 from tests.cli_helpers import assert_one_line_error, starling
 
 FLAT = BatchCost((1.0,) * len(SIZES))
@@ -167,6 +167,20 @@ def test_the_kv_cache_holds_exactly_the_kept_tokens(distinct: Engine, tmp_path: 
     assert resumed.stream.token_ids == fresh.stream.token_ids
 
 
+def _plain_then_speculative(
+    engine: Engine, tokens: list[int], params: SamplingParams
+) -> list[tuple[list[int], GenerationStats]]:
+    """The reply's ids and stats, plain then speculative, each from an empty cache."""
+    results = []
+    for speculate in (False, True):
+        engine.speculate = speculate
+        engine.clear_cache()
+        stream = engine.generate(tokens, params)
+        stream.consume()
+        results.append((stream.token_ids, stream.stats))
+    return results
+
+
 def test_a_trained_model_gets_drafts_accepted_and_the_same_reply(smollm2: Engine) -> None:
     """SmolLM2 on input-grounded prompts, replies running past 256 cached tokens (where
     llama.cpp's CPU attention with an f16 cache would change method for single tokens): most
@@ -177,14 +191,7 @@ def test_a_trained_model_gets_drafts_accepted_and_the_same_reply(smollm2: Engine
     deepest = 0
     for prompt in grounded:
         tokens = smollm2.render_chat(list(prompt.messages))
-        results = []
-        for speculate in (False, True):
-            smollm2.speculate = speculate
-            smollm2.clear_cache()
-            stream = smollm2.generate(tokens, greedy)
-            stream.consume()
-            results.append((stream.token_ids, stream.stats))
-        (plain, _), (fast, stats) = results
+        (plain, _), (fast, stats) = _plain_then_speculative(smollm2, tokens, greedy)
         drafted += stats.draft_tokens
         accepted += stats.accepted_tokens
         assert fast == plain, prompt.title
@@ -211,15 +218,9 @@ def test_exact_deep_in_a_long_conversation(smollm2: Engine) -> None:
     )
     assert len(tokens) > 600
     greedy = SamplingParams(temperature=0.0, max_tokens=96)
-    replies = []
-    for speculate in (False, True):
-        smollm2.speculate = speculate
-        smollm2.clear_cache()
-        stream = smollm2.generate(tokens, greedy)
-        stream.consume()
-        replies.append(stream.token_ids)
-    assert replies[1] == replies[0]
-    assert stream.stats.accepted_tokens > 20
+    (plain, _), (fast, stats) = _plain_then_speculative(smollm2, tokens, greedy)
+    assert fast == plain
+    assert stats.accepted_tokens > 20
 
 
 def _ask(model: Path, home: Path, *flags: str) -> tuple[dict[str, object], str]:

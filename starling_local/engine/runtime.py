@@ -9,6 +9,7 @@ from __future__ import annotations
 import codecs
 import contextlib
 import hashlib
+import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
@@ -601,6 +602,9 @@ class Engine:
                 self.flash_attn,
                 self.kv_type,
                 self._adapter.version(),
+                # Which kernels a batch takes (and so the exact batch) depends on these too.
+                f"repack={extra_buffers_enabled()}",
+                f"tiled={os.environ.get('GGML_CPU_TILED_MM', '')}",
             ),
         )
         cost = None if fresh else batch_cost.load_cached(path, key)

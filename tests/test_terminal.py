@@ -122,7 +122,7 @@ def test_quit_mid_reply_twenty_times(tiny_q4: Path, starling_home: Path, tmp_pat
             f"--conversation {cid}; echo $? > {rc_file}"
         )
         with terminal(session, command):
-            wait_for(session, "tiny-q4_k_m.gguf")  # loaded
+            wait_for(session, "tiny-q4_k_m.gguf", timeout=60)  # loaded (slow on a busy machine)
             tmux("send-keys", "-t", session, "-l", "Go on and on")
             tmux("send-keys", "-t", session, "Enter")
             wait_for(session, "tok/s")  # the reply is streaming

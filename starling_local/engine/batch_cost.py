@@ -41,10 +41,9 @@ NO_EXACT_BATCH = (
     "compute a batch's logits exactly as single tokens', so drafts could change the reply"
 )
 
-
 #: Below the largest exact batch, every size up to this one is timed too: costs are not smooth
-#: between the sizes in `SIZES` (repacked weights take a 4-row GEMM, so on the 7B shape a batch
-#: of 3 costs 3.1 tokens where 2 cost 1.8 and 4 cost 1.8).
+#: between the sizes in `SIZES` (repacked Q4_K weights run batches under 4 rows one row at a
+#: time: on the 7B shape a batch of 3 cost 2.4 tokens where 2 and 4 cost 1.8).
 _EVERY_SIZE_UP_TO = 8
 
 

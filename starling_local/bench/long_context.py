@@ -40,6 +40,40 @@ def _tg(ctx: Any, n: int) -> float:
         llama_cpp.llama_sampler_free(sampler)
 
 
+def _state(ctx: Any) -> bytes:
+    import ctypes
+
+    import llama_cpp
+
+    size = int(llama_cpp.llama_state_seq_get_size(ctx, 0))
+    buffer = (ctypes.c_uint8 * size)()
+    written = int(llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0))
+    return ctypes.string_at(buffer, written)
+
+
+def _load(ctx: Any, data: bytes) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    if int(llama_cpp.llama_state_seq_set_data(ctx, buffer, len(data), 0)) <= 0:
+        raise RuntimeError("llama.cpp refused the converted KV cache")
+
+
+def n_head_kv(ctx: Any) -> int:
+    import llama_cpp
+
+    return int(llama_cpp.llama_model_n_head_kv(llama_cpp.llama_get_model(ctx)))
+
+
+#: The configuration every depth's prompt is evaluated in once; the others load its cache,
+#: converted (`kv_layout`). Its f16 cache converts to every other layout, and its prompts are
+#: the fastest on both backends.
+_SOURCE = "fa-f16"
+
+
 def depth_figures(
     path: Path,
     depths: tuple[int, ...] = (0, 2048, 4096, 7936),
@@ -48,16 +82,24 @@ def depth_figures(
     configs: tuple[str, ...] = tuple(CONFIGS),
 ) -> dict[str, Any]:
     """For each configuration: decode tokens/s after `depth` cached tokens, and prompt tokens/s
-    of the last chunk of 512 before that depth."""
-    import llama_cpp
+    of the last chunk of (up to) 512 before that depth.
 
+    The filler before that chunk is evaluated once, with flash attention and an f16 cache; each
+    other configuration loads that cache, converted to its layout, then evaluates the same
+    chunk and decodes from there, as it would have after evaluating everything itself."""
     rng = random.Random(0)
     filler = [rng.randrange(100, 30000) for _ in range(max(depths))]
-    rows: list[dict[str, Any]] = []
-    for flash_attn, kv_type in (CONFIGS[name] for name in configs):
+    n_ctx = max(depths) + tokens + 64
+    ordered = sorted(set(depths))
+    # Each depth's chunk starts here; the cache before it is what the configurations share.
+    chunk_start = {d: max(0, d - _CHUNK) for d in ordered}
+    shared: dict[int, bytes] = {}
+    figures: dict[str, dict[int, tuple[float, float]]] = {}
+    for name in [_SOURCE, *(c for c in configs if c != _SOURCE)]:
+        flash_attn, kv_type = CONFIGS[name]
         engine = Engine(
             path,
-            n_ctx=max(depths) + tokens + 64,
+            n_ctx=n_ctx,
             n_gpu_layers=n_gpu_layers,
             flash_attn=flash_attn,
             kv_type=kv_type,
@@ -70,38 +112,81 @@ def depth_figures(
                     f"{engine.n_ctx}-token window"
                 )
             with engine.raw_context() as ctx:
-                memory = llama_cpp.llama_get_memory(ctx)
-                done = 0
-                for depth in sorted(depths):
-                    pp = 0.0
-                    while done < max(depth, 1):
-                        chunk = filler[done : min(max(depth, 1), done + _CHUNK)] or [1]
-                        start = time.perf_counter()
-                        on_compute_thread(_decode, ctx, chunk)
-                        pp = len(chunk) / (time.perf_counter() - start)
-                        done += len(chunk)
-                    tg = on_compute_thread(_tg, ctx, tokens)
-                    llama_cpp.llama_memory_seq_rm(memory, 0, done, -1)
-                    rows.append(
-                        {
-                            "flash_attn": flash_attn,
-                            "kv_type": kv_type,
-                            "depth": depth,
-                            "decode_tokens_per_s": round(tg, 2),
-                            "prompt_tokens_per_s": round(pp, 1) if depth else None,
-                        }
-                    )
+                figures[name] = on_compute_thread(
+                    _measure, ctx, name, filler, ordered, chunk_start, shared, tokens
+                )
         finally:
             engine.close()
-    for row in rows:
-        base = next(
-            r
-            for r in rows
-            if r["depth"] == min(depths)
-            and (r["flash_attn"], r["kv_type"]) == (row["flash_attn"], row["kv_type"])
-        )
-        row["vs_depth_0"] = round(row["decode_tokens_per_s"] / base["decode_tokens_per_s"], 3)
-    return {"model": str(path), "tokens": tokens, "rows": rows}
+    rows: list[dict[str, Any]] = []
+    for name in configs:
+        flash_attn, kv_type = CONFIGS[name]
+        base = figures[name][ordered[0]][0]
+        for depth in ordered:
+            tg, pp = figures[name][depth]
+            rows.append(
+                {
+                    "flash_attn": flash_attn,
+                    "kv_type": kv_type,
+                    "depth": depth,
+                    "decode_tokens_per_s": round(tg, 2),
+                    "prompt_tokens_per_s": round(pp, 1) if depth else None,
+                    "vs_depth_0": round(tg / base, 3),
+                }
+            )
+    return {
+        "model": str(path),
+        "tokens": tokens,
+        "prompt_evaluated_once_in": _SOURCE,
+        "rows": rows,
+    }
+
+
+def _measure(
+    ctx: Any,
+    name: str,
+    filler: list[int],
+    depths: list[int],
+    chunk_start: dict[int, int],
+    shared: dict[int, bytes],
+    tokens: int,
+) -> dict[int, tuple[float, float]]:
+    """(decode tok/s, prompt tok/s) at each depth for the configuration `name` of `ctx`."""
+    import llama_cpp
+
+    from starling_local.bench import kv_layout
+
+    memory = llama_cpp.llama_get_memory(ctx)
+    flash_attn, kv_type = CONFIGS[name]
+    out: dict[int, tuple[float, float]] = {}
+    done = 0
+    for depth in depths:
+        start = chunk_start[depth]
+        if name == _SOURCE:
+            while done < start:
+                chunk = filler[done : min(start, done + _CHUNK)]
+                _decode(ctx, chunk)
+                done += len(chunk)
+            if start:
+                shared[depth] = _state(ctx)
+        elif start:
+            state = shared[depth]
+            if (flash_attn, kv_type) != CONFIGS[_SOURCE]:
+                state = kv_layout.convert(
+                    state, kv_type=kv_type, flash_attn=flash_attn, n_head_kv=n_head_kv(ctx)
+                )
+            _load(ctx, state)
+        else:
+            llama_cpp.llama_memory_clear(memory, True)
+        chunk = filler[start:depth] or [1]
+        begin = time.perf_counter()
+        _decode(ctx, chunk)
+        pp = len(chunk) / (time.perf_counter() - begin)
+        tg = _tg(ctx, tokens)
+        if name == _SOURCE:
+            llama_cpp.llama_memory_seq_rm(memory, 0, start, -1)
+            done = start
+        out[depth] = (tg, pp)
+    return out
 
 
 def format_depths(f: dict[str, Any]) -> list[str]:

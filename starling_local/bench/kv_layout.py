@@ -22,6 +22,7 @@ the values in the cache, and these keep them as close as the target type allows.
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 
@@ -70,13 +71,16 @@ def _q8_0(rows: np.ndarray) -> bytes:
     return blocks.tobytes()
 
 
+@functools.cache
 def hadamard(n: int) -> np.ndarray:
     """The orthonormal Walsh-Hadamard matrix of size `n` (a power of two), as llama.cpp builds
-    it (`ggml_gen_hadamard`): entry (i, j) is (-1)^popcount(i & j) / sqrt(n)."""
+    it (`ggml_gen_hadamard`): entry (i, j) is (-1)^popcount(i & j) / sqrt(n). Built once
+    per size (not per layer); read-only."""
     i = np.arange(n)
     parity = np.vectorize(lambda v: bin(v).count("1") & 1)(i[:, None] & i[None, :])
-    matrix: np.ndarray = np.where(parity == 1, -1.0, 1.0).astype(np.float32) / np.sqrt(n)
-    return matrix.astype(np.float32)
+    matrix: np.ndarray = (np.where(parity == 1, -1.0, 1.0) / np.sqrt(n)).astype(np.float32)
+    matrix.setflags(write=False)
+    return matrix
 
 
 def _rotated(rows: np.ndarray, size: int) -> np.ndarray:

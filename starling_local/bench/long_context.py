@@ -3,6 +3,7 @@ KV cache in f16 and q8_0: the figures behind the engine's defaults."""
 
 from __future__ import annotations
 
+import ctypes
 import random
 import time
 from pathlib import Path
@@ -41,24 +42,16 @@ def _tg(ctx: Any, n: int) -> float:
 
 
 def _state(ctx: Any) -> bytes:
-    import ctypes
+    from starling_local.engine import llama_adapter
 
-    import llama_cpp
-
-    size = int(llama_cpp.llama_state_seq_get_size(ctx, 0))
-    buffer = (ctypes.c_uint8 * size)()
-    written = int(llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0))
-    return ctypes.string_at(buffer, written)
+    buffer, size = llama_adapter.read_seq_state(ctx)
+    return ctypes.string_at(buffer, size)
 
 
 def _load(ctx: Any, data: bytes) -> None:
-    import ctypes
+    from starling_local.engine import llama_adapter
 
-    import llama_cpp
-
-    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-    buffer = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
-    if int(llama_cpp.llama_state_seq_set_data(ctx, buffer, len(data), 0)) <= 0:
+    if not llama_adapter.write_seq_state(ctx, bytearray(data)):
         raise RuntimeError("llama.cpp refused the converted KV cache")
 
 

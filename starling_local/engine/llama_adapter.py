@@ -134,12 +134,29 @@ def warm_up(llm: Any) -> None:
     clear_cache(llm)
 
 
-def state_of(llm: Any) -> tuple[list[int], Any, int]:
-    """The KV cache of sequence 0 as llama.cpp serializes it: (tokens, buffer, size)."""
-    ctx = context_pointer(llm)
+def read_seq_state(ctx: Any) -> tuple[Any, int]:
+    """The KV cache of sequence 0 of the `llama_context *` `ctx`, as llama.cpp serializes it:
+    (buffer, size)."""
     size = int(llama_cpp.llama_state_seq_get_size(ctx, 0))
     buffer = (ctypes.c_uint8 * size)()
     written = int(llama_cpp.llama_state_seq_get_data(ctx, buffer, size, 0))
+    return buffer, written
+
+
+def write_seq_state(ctx: Any, data: bytearray) -> bool:
+    """Empty the KV cache of `ctx` and load `data` (from `read_seq_state`) as sequence 0;
+    False (and an empty cache) if llama.cpp refuses it. llama.cpp trusts its lengths."""
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+    buffer = (ctypes.c_uint8 * len(data)).from_buffer(data)
+    if int(llama_cpp.llama_state_seq_set_data(ctx, buffer, len(data), 0)) <= 0:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+        return False
+    return True
+
+
+def state_of(llm: Any) -> tuple[list[int], Any, int]:
+    """The KV cache of sequence 0 as llama.cpp serializes it: (tokens, buffer, size)."""
+    buffer, written = read_seq_state(context_pointer(llm))
     return cached_tokens(llm), buffer, written
 
 
@@ -148,10 +165,7 @@ def restore_state(llm: Any, tokens: Sequence[int], data: bytearray) -> bool:
     llama.cpp refuses it. `data` must come from `state_of` of the same model and version:
     llama.cpp trusts its lengths."""
     clear_cache(llm)
-    buffer = (ctypes.c_uint8 * len(data)).from_buffer(data)
-    read = int(llama_cpp.llama_state_seq_set_data(context_pointer(llm), buffer, len(data), 0))
-    if read <= 0:
-        clear_cache(llm)
+    if not write_seq_state(context_pointer(llm), data):
         return False
     n = len(tokens)
     llm.input_ids[:n] = list(tokens)

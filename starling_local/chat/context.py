@@ -52,9 +52,11 @@ def fit_prompt(
     reserve: int,
     system: str = "",
     style: PromptStyle = DEFAULT_STYLE,
+    continue_last: bool = False,
 ) -> FittedPrompt:
     """Render `messages` (the last one is the current message) into at most `n_ctx - reserve`
-    tokens, dropping the oldest whole turns as needed.
+    tokens, dropping the oldest whole turns as needed. With `continue_last` the last message is
+    a reply to continue: left open, with no generation prompt after it.
 
     `reserve` is the room wanted for the reply; it is capped at half the window so that a long
     max-tokens setting does not empty the history. Each message is tokenized once.
@@ -66,8 +68,14 @@ def fit_prompt(
         BOS_ID,
         *segments_to_tokens(system_segments(system, style.mode, style.policy), tokenize),
     ]
-    tail = segments_to_tokens(generation_prompt(style.mode), tokenize)
-    bodies = [segments_to_tokens(message_segments(m, style.mode), tokenize) for m in messages]
+    tail = [] if continue_last else segments_to_tokens(generation_prompt(style.mode), tokenize)
+    last = len(messages) - 1
+    bodies = [
+        segments_to_tokens(
+            message_segments(m, style.mode, closed=not (continue_last and i == last)), tokenize
+        )
+        for i, m in enumerate(messages)
+    ]
 
     fixed = len(head) + len(bodies[-1]) + len(tail)
     if fixed + MIN_REPLY_TOKENS > n_ctx:

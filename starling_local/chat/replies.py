@@ -6,13 +6,16 @@ module knows nothing of conversations beyond the id it is told to record under.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starling_local.chat.conversation import ReplyRecorder
 from starling_local.chat.stops import StopMatcher
+from starling_local.engine.grammar import Grammar, validate
 from starling_local.engine.interface import EngineLike
+from starling_local.engine.logprobs import TokenLogprob
 from starling_local.engine.runtime import EngineStream, GenerationStats, SamplingParams
 from starling_local.errors import StarlingError
 
@@ -41,6 +44,11 @@ class ReplyOutcome:
     dropped_messages: int
     n_ctx: int
     error: str | None = None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Per reply token, when the sampling asked for them."""
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    continued: bool = False
+    """The reply continues the conversation's last message (`text` is what was added)."""
 
     @property
     def cached_tokens(self) -> int:
@@ -69,6 +77,7 @@ def run_reply(
     stop: Sequence[str] = (),
     stop_ids: Sequence[int] = (),
     raw: bool = False,
+    continued: bool = False,
 ) -> ReplyOutcome:
     """Generate from `prompt` to the end, telling `hooks` and `recorder` as it goes. A stop
     string ends the reply (stop reason `stop`) and is never shown or kept."""
@@ -103,6 +112,9 @@ def run_reply(
         raise
     if matcher.stopped:
         stream.stats.stop_reason = "stop"
+    if error is None and sampling.grammar is not None and stream.stats.stop_reason == "end_of_turn":
+        # A remote engine may not honour the grammar as llama.cpp does: check what came back.
+        error = _off_format(sampling.grammar, matcher.text)
     if recorder is not None:
         recorder.finish(stream, error, text=matcher.text, exact=not matcher.stopped)
     return ReplyOutcome(
@@ -114,4 +126,21 @@ def run_reply(
         dropped_messages,
         engine.n_ctx,
         error,
+        list(stream.logprobs),
+        list(stream.prompt_logprobs),
+        continued,
     )
+
+
+def _off_format(grammar: Grammar, text: str) -> str | None:
+    """Why a finished grammar-constrained reply is not what the grammar promised (None: it is)."""
+    if grammar.schema is not None:
+        problem = validate(grammar.schema, text)
+        return f"the reply {problem}" if problem else None
+    if grammar.kind == "json_object":
+        try:
+            document = json.loads(text)
+        except ValueError:
+            return "the reply is not JSON"
+        return None if isinstance(document, dict) else "the reply is not a JSON object"
+    return None

@@ -343,14 +343,21 @@ class ConversationService:
         stop: Sequence[str] = (),
     ) -> ReplyOutcome:
         """Generate the reply to a saved conversation that ends with a user message, recording
-        it as it streams; its KV state is saved before this returns. `overrides` change sampling
-        fields for this reply only (benchmarks)."""
+        it as it streams; its KV state is saved before this returns. A conversation that ends
+        with a reply (stopped, cut at its length) gets that reply continued in place.
+        `overrides` change sampling fields for this reply only (benchmarks, a request's
+        grammar or logprobs)."""
         with self._turn_for(cancel) as turn:
             conv = self.store.get(conversation_id)
             settings = settings_of(conv)
             if overrides:
                 settings = settings.with_sampling(**overrides)
-            prompt = self._fit(to_messages(conv), settings)
+            messages = to_messages(conv)
+            last = conv.messages[-1] if conv.messages else None
+            extend = last if last is not None and last.role == "assistant" else None
+            if extend is not None and not extend.content.strip():
+                extend = None  # a reply cut before any text: `to_messages` leaves it out
+            prompt = self._fit(messages, settings)
             return self._generate(
                 prompt.tokens,
                 settings.sampling,
@@ -359,7 +366,24 @@ class ConversationService:
                 conv.id,
                 dropped=prompt.dropped_messages,
                 stop=stop,
+                extend=extend,
             )
+
+    def continue_reply(
+        self,
+        conversation_id: int,
+        *,
+        hooks: ReplyHooks | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ReplyOutcome:
+        """Continue the conversation's last reply in place (one that was stopped, cancelled or
+        cut at its length): the reply is left open in the prompt and grows."""
+        conv = self.store.get(conversation_id)
+        if not conv.messages or conv.messages[-1].role != "assistant":
+            raise UsageError("there is no reply to continue: the last message is not a reply")
+        if not conv.messages[-1].content.strip():
+            raise UsageError("there is no reply to continue: the last reply is empty")
+        return self.reply(conversation_id, hooks=hooks, cancel=cancel)
 
     def answer(
         self,
@@ -370,9 +394,12 @@ class ConversationService:
         cancel: threading.Event | None = None,
         stop: Sequence[str] = (),
     ) -> ReplyOutcome:
-        """A reply to `messages` that is not saved anywhere (`ask --no-save`, the server)."""
+        """A reply to `messages` that is not saved anywhere (`ask --no-save`, the server).
+        Messages that end with a reply get that reply continued (the outcome's text is what
+        was added)."""
         with self._turn_for(cancel) as turn:
             prompt = self._fit(self._replies.exact(messages), settings)
+            continued = bool(messages) and messages[-1].role == "assistant"
             outcome = self._generate(
                 prompt.tokens,
                 settings.sampling,
@@ -381,6 +408,8 @@ class ConversationService:
                 None,
                 dropped=prompt.dropped_messages,
                 stop=stop,
+                raw=continued,
+                continued=continued,
             )
             if outcome.stats.stop_reason != "stop":  # a stop string cut the ids from the text
                 self._replies.remember(outcome.text, outcome.token_ids)
@@ -398,27 +427,40 @@ class ConversationService:
     ) -> ReplyOutcome:
         """A reply to a whole message list (the server's chat requests). With `save` it is kept:
         it continues the saved conversation that holds exactly the messages before the last
-        one, or starts a new conversation with them."""
+        one, or starts a new conversation with them. Messages that end with a reply continue
+        it (in the saved conversation that holds exactly them, or a new one)."""
         if not save:
             return self.answer(messages, settings, hooks=hooks, cancel=cancel, stop=stop)
+        if messages and messages[-1].role == "assistant":
+            cid = self._continued(messages)
+            if cid is None:
+                cid = self.store.insert(self._new_conversation(messages, settings)).id
+            return self.reply(
+                cid, hooks=hooks, cancel=cancel, stop=stop, overrides=_request_only(settings)
+            )
         *history, last = messages
         cid = self._continued(history)
         if cid is None:
-            cid = self.store.insert(
-                Conversation(
-                    id=0,
-                    title="",
-                    mode=settings.mode.value,
-                    system=settings.system,
-                    model=self.model_name,
-                    params=stored_params(settings),
-                    created="",
-                    updated="",
-                    messages=[StoredMessage(0, 0, m.role, m.content, "") for m in history],
-                )
-            ).id
+            cid = self.store.insert(self._new_conversation(history, settings)).id
         self.send(cid, last.content, settings)
-        return self.reply(cid, hooks=hooks, cancel=cancel, stop=stop)
+        return self.reply(
+            cid, hooks=hooks, cancel=cancel, stop=stop, overrides=_request_only(settings)
+        )
+
+    def _new_conversation(
+        self, messages: Sequence[Message], settings: ConversationSettings
+    ) -> Conversation:
+        return Conversation(
+            id=0,
+            title="",
+            mode=settings.mode.value,
+            system=settings.system,
+            model=self.model_name,
+            params=stored_params(settings),
+            created="",
+            updated="",
+            messages=[StoredMessage(0, 0, m.role, m.content, "") for m in messages],
+        )
 
     def _continued(self, history: Sequence[Message], recent: int = 50) -> int | None:
         """The recent conversation whose messages are exactly `history`."""
@@ -484,12 +526,16 @@ class ConversationService:
         stop: Sequence[str] = (),
         stop_ids: Sequence[int] = (),
         raw: bool = False,
+        continued: bool = False,
+        extend: StoredMessage | None = None,
     ) -> ReplyOutcome:
         engine = self._require_engine()
         self._sequences.prepare(engine, prompt)
         if conversation_id is not None and self._kv is not None:
             self._kv.restore(conversation_id, prompt)
-        recorder = ReplyRecorder(self.store, conversation_id) if conversation_id else None
+        recorder = (
+            ReplyRecorder(self.store, conversation_id, extend=extend) if conversation_id else None
+        )
         outcome = run_reply(
             engine,
             prompt,
@@ -501,10 +547,27 @@ class ConversationService:
             dropped_messages=dropped,
             stop=stop,
             stop_ids=stop_ids,
-            raw=raw,
+            raw=raw or extend is not None,
+            continued=continued or extend is not None,
         )
         if conversation_id is not None and self._kv is not None:
             # Before the reply is reported done: the next reply (maybe of another conversation)
             # must not take the engine first and leave this file holding its cache.
             self._kv.save(conversation_id)
         return outcome
+
+
+def _request_only(settings: ConversationSettings) -> dict[str, Any]:
+    """The sampling fields of one request that a saved conversation does not keep (a grammar,
+    logprobs): they apply to this reply only."""
+    from dataclasses import fields
+
+    from starling_local.chat.settings import PER_REQUEST
+
+    sampling = settings.sampling
+    defaults = SamplingParams()
+    return {
+        f.name: getattr(sampling, f.name)
+        for f in fields(SamplingParams)
+        if f.name in PER_REQUEST and getattr(sampling, f.name) != getattr(defaults, f.name)
+    }

@@ -33,10 +33,11 @@ def build_prompt(
     style: PromptStyle = DEFAULT_STYLE,
     max_tokens: int = 1024,
 ) -> FittedPrompt:
-    """The token-exact prompt for `messages`, trimmed to the engine's context window."""
-    if not messages or messages[-1].role != "user":
+    """The token-exact prompt for `messages`, trimmed to the engine's context window. A
+    conversation that ends with a reply gets that reply continued."""
+    if not messages or messages[-1].role not in ("user", "assistant"):
         raise UsageError("a reply needs a conversation that ends with a user message")
-    if not messages[-1].content.strip():
+    if not messages[-1].content.strip() and not messages[-1].tokens:
         raise UsageError("the message is empty")
     return fit_prompt(
         messages,
@@ -45,6 +46,7 @@ def build_prompt(
         reserve=max_tokens,
         system=system,
         style=style,
+        continue_last=messages[-1].role == "assistant",
     )
 
 

@@ -10,8 +10,11 @@ from starling_local.engine.runtime import SamplingParams
 from starling_local.errors import UsageError
 from starling_local.store.models import Conversation
 
-#: Sampling fields a conversation keeps (`ignore_eos` is for benchmarks and never saved).
-SAVED_SAMPLING = tuple(f.name for f in fields(SamplingParams) if f.name != "ignore_eos")
+#: Fields of one request that a conversation never keeps (`ignore_eos` is for benchmarks; a
+#: grammar, logit bias or logprobs belong to the request that asked for them).
+PER_REQUEST = ("ignore_eos", "logit_bias", "grammar", "logprobs", "prompt_logprobs")
+#: Sampling fields a conversation keeps.
+SAVED_SAMPLING = tuple(f.name for f in fields(SamplingParams) if f.name not in PER_REQUEST)
 
 
 @dataclass(frozen=True)

@@ -71,17 +71,22 @@ def role_label(mode: Mode, role: Role) -> str:
     return f"{mode.prefix} {role.title()}"
 
 
-def message_segments(message: Message, mode: Mode, exact: bool = True) -> list[Segment]:
+def message_segments(
+    message: Message, mode: Mode, exact: bool = True, *, closed: bool = True
+) -> list[Segment]:
     """`{Label}: {content}<|end_of_turn|>` as segments.
 
     Content is stripped of surrounding whitespace: a reply is generated after `Assistant:` and
     starts with the dummy-prefix space, and stdin input ends with a newline; neither belongs in
     the re-rendered turn. With `exact`, a reply's generated ids are used as they are.
+    `closed=False` leaves the turn open (no `<|end_of_turn|>`): a reply to continue.
     """
     label = role_label(mode, message.role)
+    end = [END_OF_TURN_ID] if closed else []
     if exact and message.tokens and message.role == "assistant":
-        return [f"{label}:", *message.tokens, END_OF_TURN_ID]
-    return [f"{label}: {message.content.strip()}", END_OF_TURN_ID]
+        return [f"{label}:", *message.tokens, *end]
+    content = message.content.strip() if closed else message.content.rstrip()
+    return [f"{label}: {content.lstrip()}" if content else f"{label}:", *end]
 
 
 def system_segments(system: str, mode: Mode, policy: SystemPolicy) -> list[Segment]:
@@ -107,17 +112,22 @@ def render_segments(
     policy: SystemPolicy = SystemPolicy.NATIVE,
     add_generation_prompt: bool = True,
     exact: bool = True,
+    continue_last: bool = False,
 ) -> list[Segment]:
-    """The whole prompt as segments, starting with the one BOS (`exact=False` for text)."""
+    """The whole prompt as segments, starting with the one BOS (`exact=False` for text).
+    `continue_last`: the last message is a reply to continue, left open (no end of turn, no
+    generation prompt)."""
     segments: list[Segment] = [BOS_ID]
     segments += system_segments(system, mode, policy)
-    for message in messages:
+    last = len(messages) - 1
+    for i, message in enumerate(messages):
         if message.role == "system":
             # A system message inside the list is treated like the system prompt.
             segments += system_segments(message.content, mode, policy)
         else:
-            segments += message_segments(message, mode, exact)
-    if add_generation_prompt:
+            closed = not (continue_last and i == last and message.role == "assistant")
+            segments += message_segments(message, mode, exact, closed=closed)
+    if add_generation_prompt and not continue_last:
         segments += generation_prompt(mode)
     return segments
 

@@ -38,6 +38,36 @@ def register(sub: Any) -> None:
     sampling.add_argument("--top-p", type=float, default=None, help="default 0.95")
     sampling.add_argument("--top-k", type=int, default=None, help="default 40")
     sampling.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    sampling.add_argument(
+        "--repeat-penalty", type=float, default=None, help="llama.cpp's (default 1.0: off)"
+    )
+    sampling.add_argument(
+        "--frequency-penalty", type=float, default=None, help="-2 to 2, as OpenAI's (default 0)"
+    )
+    sampling.add_argument(
+        "--presence-penalty", type=float, default=None, help="-2 to 2, as OpenAI's (default 0)"
+    )
+    sampling.add_argument(
+        "--logit-bias",
+        action="append",
+        default=[],
+        metavar="ID=BIAS",
+        help="add BIAS (-100 to 100) to token ID's logit (more than once allowed)",
+    )
+    shape = p.add_mutually_exclusive_group()
+    shape.add_argument(
+        "--format",
+        choices=["text", "json"],
+        default="text",
+        help="json: the reply is one JSON object (grammar-constrained); stdout is the JSON alone",
+    )
+    shape.add_argument(
+        "--json-schema",
+        type=Path,
+        metavar="FILE",
+        help="the reply validates against this JSON schema (grammar-constrained); stdout is "
+        "the JSON alone",
+    )
     p.add_argument(
         "--file",
         "-f",
@@ -103,9 +133,51 @@ def _settings(args: argparse.Namespace, base: ConversationSettings) -> Conversat
         system_policy=args.system_policy,
         **{
             name: getattr(args, name, None)
-            for name in ("max_tokens", "temperature", "top_p", "top_k", "seed")
+            for name in (
+                "max_tokens",
+                "temperature",
+                "top_p",
+                "top_k",
+                "seed",
+                "repeat_penalty",
+                "frequency_penalty",
+                "presence_penalty",
+            )
         },
     )
+
+
+def _request_sampling(args: argparse.Namespace) -> dict[str, Any]:
+    """What applies to this reply only and is never saved: the output format, logit bias."""
+    from starling_local.engine.grammar import GrammarError, json_object_grammar, schema_grammar
+
+    out: dict[str, Any] = {}
+    bias = []
+    for item in args.logit_bias:
+        token, _, value = item.partition("=")
+        try:
+            pair = (int(token), float(value))
+        except ValueError:
+            raise UsageError(f"--logit-bias {item!r}: expected ID=BIAS, e.g. 32000=-100") from None
+        if not -100 <= pair[1] <= 100:
+            raise UsageError(f"--logit-bias {item!r}: the bias must be from -100 to 100")
+        bias.append(pair)
+    if bias:
+        out["logit_bias"] = tuple(bias)
+    if args.json_schema is not None:
+        try:
+            schema = json.loads(args.json_schema.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise UsageError(f"{args.json_schema}: no such file") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise UsageError(f"{args.json_schema}: not a JSON schema ({exc})") from None
+        try:
+            out["grammar"] = schema_grammar(schema)
+        except GrammarError as exc:
+            raise UsageError(f"{args.json_schema}: {exc}") from None
+    elif args.format == "json":
+        out["grammar"] = json_object_grammar()
+    return out
 
 
 def run_ask(args: argparse.Namespace) -> int:
@@ -125,6 +197,12 @@ def run_ask(args: argparse.Namespace) -> int:
         raise UsageError("the prompt is empty")
     if args.temperature is not None and args.temperature < 0:
         raise UsageError("--temperature must be >= 0")
+    for flag in ("frequency_penalty", "presence_penalty"):
+        value = getattr(args, flag)
+        if value is not None and not -2 <= value <= 2:
+            raise UsageError(f"--{flag.replace('_', '-')} must be from -2 to 2")
+    per_request = _request_sampling(args)
+    structured = "grammar" in per_request
     store = None if args.no_save else ConversationStore()
     conversation = None
     if store is not None and (args.continue_ or args.conversation is not None):
@@ -168,7 +246,7 @@ def run_ask(args: argparse.Namespace) -> int:
             )
 
     def show(chunk: str, _stats: object) -> None:
-        if not args.json:
+        if not args.json and not structured:  # structured output is printed whole
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
@@ -176,10 +254,11 @@ def run_ask(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, lambda *_: service.stop())
     try:
         if store is None:
-            outcome = service.answer([Message("user", text)], settings, hooks=hooks)
+            once = settings.with_sampling(**per_request) if per_request else settings
+            outcome = service.answer([Message("user", text)], once, hooks=hooks)
         else:
             conv = service.send(conversation.id if conversation else None, text, settings)
-            outcome = service.reply(conv.id, hooks=hooks)
+            outcome = service.reply(conv.id, hooks=hooks, overrides=per_request)
     finally:
         signal.signal(signal.SIGINT, previous)
         service.close()
@@ -199,6 +278,13 @@ def run_ask(args: argparse.Namespace) -> int:
             "conversation_id": outcome.conversation_id,
         }
         print(json.dumps(out, ensure_ascii=False))
+    elif structured:
+        if stats.stop_reason != "end_of_turn":
+            raise StarlingError(
+                f"the reply stopped ({stats.stop_reason}) before its JSON was complete"
+                + (": raise --max-tokens" if stats.stop_reason == "length" else "")
+            )
+        sys.stdout.write(outcome.text.strip() + "\n")
     else:
         sys.stdout.write("\n")
     if args.stats:

@@ -1,7 +1,7 @@
 """The one place that reaches into llama-cpp-python's private parts.
 
-`Llama` keeps its context (`_ctx`), its batch (`_batch`), its sampler chain builder
-(`_init_sampler`) and the tokens in its KV cache (`input_ids`, `n_tokens`) as private
+`Llama` keeps its context (`_ctx`), its batch (`_batch`), its model (`_model`), its seed
+(`_seed`) and the tokens in its KV cache (`input_ids`, `n_tokens`) as private
 attributes, and builds its model parameters from `llama_model_default_params()` with no
 argument for some of them. The engine needs all of these; they are checked here at import,
 so an upgrade of llama-cpp-python that changes them fails with one line naming the versions
@@ -26,7 +26,7 @@ from starling_local.errors import StarlingError
 #: The llama-cpp-python releases whose private attributes this module was written against.
 SUPPORTED = ">=0.3.36,<0.4"
 
-_LLAMA_INIT_ATTRIBUTES = ("_ctx", "_batch", "n_tokens", "input_ids")
+_LLAMA_INIT_ATTRIBUTES = ("_ctx", "_batch", "_model", "_seed", "n_tokens", "input_ids")
 _LOW_LEVEL = (
     "llama_model_default_params",
     "llama_get_memory",
@@ -54,8 +54,9 @@ def missing_parts(llama_class: Any = None, module: Any = None) -> list[str]:
     missing += [name for name in _LOW_LEVEL if not hasattr(module, name)]
     if not hasattr(llama_cpp._internals.LlamaContext, "kv_cache_seq_rm"):
         missing.append("LlamaContext.kv_cache_seq_rm")
-    if not hasattr(llama_class, "_init_sampler"):
-        missing.append("Llama._init_sampler")
+    for name in ("add_logit_bias", "add_penalties", "add_greedy", "add_dist"):
+        if not hasattr(llama_cpp._internals.LlamaSampler, name):
+            missing.append(f"LlamaSampler.{name}")
     return missing
 
 
@@ -206,14 +207,63 @@ def max_batch(llm: Any) -> int:
 
 
 def make_sampler(
-    llm: Any, *, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float
+    llm: Any,
+    *,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repeat_penalty: float,
+    frequency_penalty: float = 0.0,
+    presence_penalty: float = 0.0,
+    logit_bias: Sequence[tuple[int, float]] = (),
+    grammar: str | None = None,
 ) -> Any:
-    """llama-cpp-python's sampler chain, exactly as `Llama.generate` builds it (penalties, then
-    greedy at temperature 0, else top-k, typical, top-p, min-p, temperature, and a draw seeded
-    by `Llama.set_seed`); close it with `.close()`."""
-    return llm._init_sampler(
-        top_k=top_k, top_p=top_p, min_p=min_p, temp=temperature, repeat_penalty=repeat_penalty
-    )
+    """llama.cpp's sampler chain in the order its own `common_sampler` uses: logit bias,
+    penalties (repeat, frequency, presence), the grammar, then greedy at temperature 0, else
+    top-k, typical, top-p, min-p, temperature, and a draw seeded by `Llama.set_seed`. Close it
+    with `.close()`. A grammar llama.cpp cannot parse raises ValueError."""
+    sampler = llama_cpp._internals.LlamaSampler()
+    try:
+        if logit_bias:
+            sampler.add_logit_bias(int(llm.n_vocab()), dict(logit_bias))
+        sampler.add_penalties(
+            n_vocab=int(llm.n_vocab()),
+            penalty_last_n=int(llm.last_n_tokens_size),
+            penalty_repeat=repeat_penalty,
+            penalty_freq=frequency_penalty,
+            penalty_present=presence_penalty,
+        )
+        if grammar is not None:
+            # llama.cpp returns NULL for a grammar it cannot parse (LlamaSampler.add_grammar
+            # would add the NULL to the chain).
+            rule = llama_cpp.llama_sampler_init_grammar(
+                llm._model.vocab, grammar.encode("utf-8"), b"root"
+            )
+            if not rule:
+                raise ValueError("llama.cpp could not parse the grammar")
+            llama_cpp.llama_sampler_chain_add(sampler.sampler, rule)
+        if temperature == 0.0:
+            sampler.add_greedy()
+        else:
+            sampler.add_top_k(top_k)
+            sampler.add_typical(1.0, 1)
+            sampler.add_top_p(top_p, 1)
+            sampler.add_min_p(min_p, 1)
+            sampler.add_temp(temperature)
+            sampler.add_dist(llm._seed)
+    except BaseException:
+        sampler.close()
+        raise
+    return sampler
+
+
+def logits_row(llm: Any, index: int) -> Any:
+    """A copy of the float32 logits of the `index`-th token of the last `decode` (numpy)."""
+    import numpy as np
+
+    row = llama_cpp.llama_get_logits_ith(context_pointer(llm), index)
+    return np.ctypeslib.as_array(row, shape=(int(llm.n_vocab()),)).copy()
 
 
 def sample(llm: Any, sampler: Any, index: int) -> int:

@@ -8,6 +8,7 @@ used. Tokenizing needs no model file: Starling's vocabulary ships with the packa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -17,6 +18,7 @@ from typing import Any, Literal
 
 import httpx2 as httpx
 
+from starling_local.engine.logprobs import TokenLogprob
 from starling_local.engine.runtime import (
     Engine,
     EngineError,
@@ -141,6 +143,9 @@ class RemoteEngine:
     def detokenize(self, tokens: Sequence[int]) -> str:
         return self._vocab.detokenize(tokens)
 
+    def token_bytes(self, token: int) -> bytes:
+        return self._vocab.token_bytes(token)
+
     def cached_prefix(self, tokens: Sequence[int]) -> int:
         return 0  # the remote server keeps its own cache (`cache_prompt`, prefix caching)
 
@@ -195,10 +200,13 @@ class RemoteEngine:
         }
         if params.seed is not None:
             sampling["seed"] = params.seed
+        sampling["frequency_penalty"] = params.frequency_penalty
+        sampling["presence_penalty"] = params.presence_penalty
+        grammar = params.grammar
         if self.kind == "llama-server":
             # An id list gets no BOS from llama-server: ours is the first id already.
             assert tokens[0] == BOS_ID
-            return "/completion", {
+            body = {
                 **sampling,
                 "prompt": tokens,
                 "n_predict": budget,
@@ -207,7 +215,15 @@ class RemoteEngine:
                 "repeat_penalty": params.repeat_penalty,
                 "ignore_eos": params.ignore_eos,
             }
-        return "/v1/completions", {
+            if params.logit_bias:
+                body["logit_bias"] = [[t, b] for t, b in params.logit_bias]
+            if grammar is not None:
+                # Our GBNF (it allows the space Starling writes first) in llama-server's field.
+                body["grammar"] = grammar.gbnf
+            if params.logprobs is not None:
+                body["n_probs"] = max(params.logprobs, 1)
+            return "/completion", body
+        body = {
             **sampling,
             "model": self.model,
             "prompt": tokens,
@@ -219,6 +235,21 @@ class RemoteEngine:
             "repetition_penalty": params.repeat_penalty,
             "stream_options": {"include_usage": True},
         }
+        if params.logit_bias:
+            body["logit_bias"] = {str(t): b for t, b in params.logit_bias}
+        if grammar is not None:
+            # vLLM's structured-output field (also accepted by `starling serve`).
+            body["structured_outputs"] = (
+                {"json": grammar.schema}
+                if grammar.schema is not None
+                else {"json_object": True}
+                if grammar.kind == "json_object"
+                else {"grammar": grammar.gbnf}
+            )
+        if params.logprobs is not None:
+            body["logprobs"] = params.logprobs
+            body["return_tokens_as_token_ids"] = True
+        return "/v1/completions", body
 
     def _run(
         self,
@@ -230,6 +261,8 @@ class RemoteEngine:
         reply: bool,
     ) -> Iterator[str]:
         stats = stream.stats
+        if params.prompt_logprobs is not None:
+            raise RemoteError("prompt logprobs (echo) are not passed on to a remote engine")
         path, body = self._request(tokens, params, stops)
         decoder = ReplyDecoder(self._vocab.token_bytes, strip=reply)
         with self._lock:
@@ -248,7 +281,8 @@ class RemoteEngine:
                             stats.stop_reason = "cancelled"
                             break
                         ids, text, finish = self._parse(event, stats)
-                        for token in ids:
+                        scores = _logprobs(event, self.kind) if params.logprobs is not None else []
+                        for i, token in enumerate(ids):
                             if token in stops:
                                 stats.stop_reason = (
                                     "end_of_turn" if token in (END_OF_TURN_ID,) else "stop"
@@ -260,6 +294,8 @@ class RemoteEngine:
                             stats.completion_tokens += 1
                             stats.decode_s = time.perf_counter() - t0 - stats.ttft_s
                             stream.token_ids.append(token)
+                            if i < len(scores):
+                                stream.logprobs.append(scores[i])
                             piece = decoder.push(token)
                             if piece:
                                 yield piece
@@ -335,3 +371,46 @@ def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
                 message = event["error"].get("message") if isinstance(event["error"], dict) else ""
                 raise RemoteError(f"the remote engine failed: {message or event['error']}")
             yield event
+
+
+def _token_id(value: Any) -> int | None:
+    """A token as vLLM's `return_tokens_as_token_ids` writes it ("token_id:123")."""
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.startswith("token_id:"):
+        with contextlib.suppress(ValueError):
+            return int(value.removeprefix("token_id:"))
+    return None
+
+
+def _logprobs(event: dict[str, Any], kind: RemoteKind) -> list[TokenLogprob]:
+    """The token logprobs of one streamed event (llama-server's `completion_probabilities`, or
+    an OpenAI-style legacy `logprobs` object with token ids)."""
+    out: list[TokenLogprob] = []
+    if kind == "llama-server":
+        for p in event.get("completion_probabilities") or []:
+            top = tuple(
+                (int(t["id"]), float(t["logprob"]))
+                for t in p.get("top_logprobs") or []
+                if "id" in t and "logprob" in t
+            )
+            if "id" in p and "logprob" in p:
+                out.append(TokenLogprob(int(p["id"]), float(p["logprob"]), top))
+        return out
+    choices = event.get("choices") or []
+    legacy = (choices[0].get("logprobs") if choices else None) or {}
+    tokens = legacy.get("tokens") or []
+    values = legacy.get("token_logprobs") or []
+    tops = legacy.get("top_logprobs") or []
+    for i, (token, value) in enumerate(zip(tokens, values, strict=False)):
+        tid = _token_id(token)
+        if tid is None or value is None:
+            continue
+        alternatives = tops[i] if i < len(tops) and isinstance(tops[i], dict) else {}
+        top = tuple(
+            (t, float(v))
+            for k, v in alternatives.items()
+            if (t := _token_id(k)) is not None and v is not None
+        )
+        out.append(TokenLogprob(tid, float(value), tuple(sorted(top, key=lambda x: -x[1]))))
+    return out

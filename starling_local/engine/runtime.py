@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from starling_local.engine.batch_cost import BatchCost
+from starling_local.engine.grammar import Grammar
+from starling_local.engine.logprobs import TokenLogprob, token_logprob
 from starling_local.engine.lookup import MAX_DRAFT, DraftPolicy, LookupDrafter
 from starling_local.errors import StarlingError
 from starling_local.gguf.info import GGUFInfo, check_runnable
@@ -111,9 +113,19 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     max_tokens: int = 1024
     seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     ignore_eos: bool = False
     """Decode past `<|end_of_turn|>` (as vLLM's field of that name): only for benchmarks that
     must decode exactly `max_tokens` tokens. Never saved with a conversation."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias added to its logit) pairs; -100 bans a token, 100 all but forces it."""
+    grammar: Grammar | None = None
+    """Constrain the reply to a grammar (a JSON schema, any JSON object, or GBNF)."""
+    logprobs: int | None = None
+    """Report each reply token's log-probability with this many alternatives (None: none)."""
+    prompt_logprobs: int | None = None
+    """Report each prompt token's log-probability too (evaluates the whole prompt)."""
 
 
 @dataclass
@@ -169,6 +181,10 @@ class EngineStream:
     stats: GenerationStats
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """One per token id, when asked for (`SamplingParams.logprobs`)."""
+    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    """One per prompt token (None for the first), when asked for."""
 
     @classmethod
     def starting(cls, tokens: Sequence[int], n_ctx: int) -> EngineStream:
@@ -479,24 +495,28 @@ class Engine:
         t0 = time.perf_counter()
         t_first = t0
         stats.stop_reason = "length"
-        if budget <= 0:
-            return
+        sampler = self._sampler(llm, params)
+        if params.prompt_logprobs is not None:
+            # Every prompt position's logits are needed: nothing comes from the cache.
+            reuse = 0
+            stats.prompt_evaluated = len(tokens)
         self._adapter.truncate_cache(llm, reuse)
-        if not self._prefill(llm, tokens[reuse:-1], cancel):
+        prefilled = (
+            self._prefill_logprobs(llm, tokens, params.prompt_logprobs, cancel, stream)
+            if params.prompt_logprobs is not None
+            else self._prefill(llm, tokens[reuse:-1], cancel)
+        )
+        if not prefilled:
+            sampler.close()
             stats.stop_reason = "cancelled"
             return
+        if budget <= 0:
+            sampler.close()
+            return
         policy = self._draft_policy(llm) if self.speculate else None
-        sampler = self._adapter.make_sampler(
-            llm,
-            temperature=params.temperature,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            repeat_penalty=params.repeat_penalty,
-        )
-        generator = self._tokens(llm, sampler, tokens, budget, policy, stats)
+        generator = self._tokens(llm, sampler, tokens, budget, policy, stats, params.logprobs)
         try:
-            for token in generator:
+            for token, logprob in generator:
                 now = time.perf_counter()
                 if stats.completion_tokens == 0:
                     t_first = now
@@ -513,6 +533,8 @@ class Engine:
                 stats.completion_tokens += 1
                 stats.decode_s = now - t_first
                 stream.token_ids.append(token)
+                if logprob is not None:
+                    stream.logprobs.append(logprob)
                 text = decoder.push(token)
                 if text:
                     yield text
@@ -533,14 +555,16 @@ class Engine:
         budget: int,
         policy: DraftPolicy | None,
         stats: GenerationStats,
-    ) -> Generator[int, None, None]:
+        logprobs: int | None = None,
+    ) -> Generator[tuple[int, TokenLogprob | None], None, None]:
         """The model's tokens after `prompt` (all but its last token already evaluated).
 
         With a `policy`, each step may verify drafted tokens (copied from earlier in the
         conversation) in the same batch as the pending token: the model's own choice is sampled
         at every position, drafts are kept while they equal it, and the first differing choice
         ends the step. Every token is thus sampled exactly as plain decoding samples it (same
-        sampler, one draw per token), and the rejected tail leaves the KV cache."""
+        sampler, one draw per token), and the rejected tail leaves the KV cache. With
+        `logprobs`, each token comes with its log-probability (else None)."""
         adapter = self._adapter
         drafter = LookupDrafter(prompt) if policy is not None else None
         if policy is not None:
@@ -561,9 +585,15 @@ class Engine:
             n_past = adapter.n_cached(llm)
             adapter.decode(llm, [pending, *drafted], outputs=1 + len(drafted))
             out: list[int] = []
+            scores: list[TokenLogprob | None] = []
             for i in range(len(drafted) + 1):
                 token = adapter.sample(llm, sampler, i)
                 out.append(token)
+                scores.append(
+                    None
+                    if logprobs is None
+                    else token_logprob(adapter.logits_row(llm, i), token, logprobs)
+                )
                 if i == len(drafted) or token != drafted[i]:
                     break
             accepted = len(out) - 1
@@ -576,7 +606,7 @@ class Engine:
             if drafter is not None:
                 drafter.extend(out)
             emitted += len(out)
-            yield from out
+            yield from zip(out, scores, strict=True)
             pending = out[-1]
 
     def _draft_policy(self, llm: Any) -> DraftPolicy:
@@ -633,6 +663,46 @@ class Engine:
             if fresh:
                 self._cost, self._policy = None, None
             return self._measured_cost(self._open_llm(), fresh)
+
+    def _sampler(self, llm: Any, params: SamplingParams) -> Any:
+        try:
+            return self._adapter.make_sampler(
+                llm,
+                temperature=params.temperature,
+                top_k=params.top_k,
+                top_p=params.top_p,
+                min_p=params.min_p,
+                repeat_penalty=params.repeat_penalty,
+                frequency_penalty=params.frequency_penalty,
+                presence_penalty=params.presence_penalty,
+                logit_bias=params.logit_bias,
+                grammar=params.grammar.gbnf if params.grammar else None,
+            )
+        except ValueError as exc:
+            raise EngineError(f"the grammar was refused: {exc}") from None
+
+    def _prefill_logprobs(
+        self,
+        llm: Any,
+        tokens: list[int],
+        top: int,
+        cancel: threading.Event,
+        stream: EngineStream,
+    ) -> bool:
+        """Evaluate all but the last of `tokens` from an empty cache with logits at every
+        position, recording each next token's log-probability (the first token has none)."""
+        stream.prompt_logprobs = [None]
+        body = tokens[:-1]
+        for start in range(0, len(body), PREFILL_CHUNK):
+            if cancel.is_set():
+                return False
+            chunk = body[start : start + PREFILL_CHUNK]
+            self._adapter.decode(llm, chunk, outputs=len(chunk))
+            for i in range(len(chunk)):
+                following = tokens[start + i + 1]
+                row = self._adapter.logits_row(llm, i)
+                stream.prompt_logprobs.append(token_logprob(row, following, top))
+        return not cancel.is_set()
 
     def _prefill(self, llm: Any, tokens: list[int], cancel: threading.Event) -> bool:
         """Evaluate `tokens` after the cached ones a chunk at a time, checking `cancel` between

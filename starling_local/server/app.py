@@ -8,33 +8,32 @@ generation, also while its prompt is still being evaluated.
 
 from __future__ import annotations
 
-import asyncio
+import json
 import secrets
 import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from starling_local.chat.context import ContextOverflowError
-from starling_local.chat.service import (
-    ConversationService,
-    ReplyHooks,
-    ReplyOutcome,
-    ReplyStart,
-)
+from starling_local.chat.service import ConversationService, ReplyHooks, ReplyOutcome, ReplyStart
 from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Mode, render_tokens
-from starling_local.engine.runtime import EngineStream
+from starling_local.chat.tools import call_grammar, describe
+from starling_local.engine.grammar import GrammarError
+from starling_local.engine.interface import EngineLike
 from starling_local.errors import StarlingError
 from starling_local.server.protocol import (
     MAX_BODY_BYTES,
     APIError,
+    ChatRequest,
     CompletionRequest,
     Generation,
     bad,
@@ -42,9 +41,10 @@ from starling_local.server.protocol import (
     parse_completion,
     parse_json,
 )
+from starling_local.server.responses import ChatFormatter, CompletionFormatter, Formatter
+from starling_local.server.run import Call, Piece, Run
 
 OWNER = "starling-local"
-FINISH = {"end_of_turn": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
 
 
 @dataclass
@@ -100,7 +100,7 @@ class StarlingServer:
                 raise APIError(413, f"the body is over {MAX_BODY_BYTES} bytes")
         return parse_json(bytes(raw))
 
-    def engine(self) -> Any:
+    def engine(self) -> EngineLike:
         engine = self.service.engine
         if not self.ready.is_set() or engine is None:
             raise APIError(503, "the model is still loading", kind="server_error", code="loading")
@@ -134,9 +134,7 @@ class StarlingServer:
         with self._admit_lock:
             self._admitted -= 1
 
-    def start(
-        self, request: Request, call: Callable[[ReplyHooks, threading.Event], ReplyOutcome]
-    ) -> Run:
+    def start(self, request: Request, call: Call) -> Run:
         """Admit a request (or 429) and start its generation in a worker thread."""
         self.admit()
         try:
@@ -146,82 +144,7 @@ class StarlingServer:
             raise
 
 
-class Run:
-    """One generation running in a worker thread, seen from the event loop: `events()` yields
-    (text, new token ids) as it streams, then the outcome. The client going away (or leaving
-    `events()` early) cancels it, also while its prompt is being evaluated."""
-
-    def __init__(
-        self,
-        request: Request,
-        call: Callable[[ReplyHooks, threading.Event], ReplyOutcome],
-        done: Callable[[], None],
-    ) -> None:
-        self.loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue[Any] = asyncio.Queue()
-        self.cancel = threading.Event()
-        self._sent = 0
-        self.watcher = asyncio.create_task(self._watch(request))
-
-        def work() -> None:
-            try:
-                hooks = ReplyHooks(on_start=self._on_start, on_text=self._on_text)
-                result: Any = call(hooks, self.cancel)
-            except BaseException as exc:
-                result = exc
-            finally:
-                done()
-            self.loop.call_soon_threadsafe(self._finish, result)
-
-        threading.Thread(target=work, name="starling-request", daemon=True).start()
-
-    def _on_start(self, start: ReplyStart) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, start)
-
-    def _on_text(self, text: str, stream: EngineStream) -> None:
-        ids = stream.token_ids[self._sent :]
-        self._sent = len(stream.token_ids)
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (text, ids))
-
-    def _finish(self, result: Any) -> None:
-        self.watcher.cancel()
-        self.queue.put_nowait(result)
-
-    async def _watch(self, request: Request) -> None:
-        while not self.cancel.is_set():
-            if await request.is_disconnected():
-                self.cancel.set()
-                return
-            await asyncio.sleep(0.05)
-
-    async def events(
-        self,
-    ) -> AsyncGenerator[ReplyStart | tuple[str, list[int]] | ReplyOutcome, None]:
-        try:
-            while True:
-                item = await self.queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-                if isinstance(item, ReplyOutcome):
-                    return
-        finally:
-            self.cancel.set()  # a no-op when the reply is complete
-
-
-def _usage(outcome: ReplyOutcome) -> dict[str, Any]:
-    s = outcome.stats
-    return {
-        "prompt_tokens": s.prompt_tokens,
-        "completion_tokens": s.completion_tokens,
-        "total_tokens": s.prompt_tokens + s.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens},
-    }
-
-
 def _sse(data: Any) -> str:
-    import json
-
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
 
@@ -242,6 +165,26 @@ def _as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, StarlingError):
         return bad(str(exc))
     return APIError(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+
+def _check_bias(generation: Generation, vocab_size: int) -> None:
+    for token, _ in generation.settings.sampling.logit_bias:
+        if not 0 <= token < vocab_size:
+            raise bad(f"'logit_bias': token id {token} is not in the vocabulary", "logit_bias")
+
+
+def _with_tool_call(req: ChatRequest) -> None:
+    """A demanded call: the functions described in the system prompt, a grammar for one call."""
+    functions = req.called_functions()
+    settings = req.generation.settings
+    if settings.sampling.grammar is not None:
+        raise bad("'response_format' and a demanded tool call cannot be combined", "tool_choice")
+    try:
+        grammar = call_grammar(functions)
+    except GrammarError as exc:
+        raise bad(str(exc), "tools", "unsupported_schema") from None
+    system = "\n\n".join(s for s in (settings.system, describe(functions)) if s)
+    req.generation.settings = replace(settings, system=system).with_sampling(grammar=grammar)
 
 
 def make_app(server: StarlingServer) -> Starlette:
@@ -268,10 +211,9 @@ def make_app(server: StarlingServer) -> Starlette:
             return JSONResponse({"status": "loading"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
-    async def models(request: Request) -> Response:
-        engine = server.engine()
-        n_ctx = engine.n_ctx
-        data = [
+    def model_cards() -> list[dict[str, Any]]:
+        n_ctx = server.engine().n_ctx
+        return [
             {
                 "id": name,
                 "object": "model",
@@ -282,7 +224,17 @@ def make_app(server: StarlingServer) -> Starlette:
             }
             for name in (server.config.model_id, f"{server.config.model_id}:code")
         ]
-        return JSONResponse({"object": "list", "data": data})
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": model_cards()})
+
+    async def model(request: Request) -> Response:
+        wanted = request.path_params["model"]
+        for card in model_cards():
+            if card["id"] == wanted:
+                return JSONResponse(card)
+        server.mode_of(wanted)  # 404 for another model's name
+        return JSONResponse({**model_cards()[0], "id": wanted})  # the file's own name
 
     async def chat(request: Request) -> Response:
         req = parse_chat(await server.body(request), server.config.settings)
@@ -290,6 +242,10 @@ def make_app(server: StarlingServer) -> Starlette:
         mode = server.mode_of(req.generation.model)
         if mode is not None:
             req.generation.settings = replace(req.generation.settings, mode=mode)
+        _check_bias(req.generation, engine.vocab_size)
+        tool_call = req.wants_call
+        if tool_call:
+            _with_tool_call(req)
         _budget(req.generation, engine.n_ctx)
 
         def call(hooks: ReplyHooks, cancel: threading.Event) -> ReplyOutcome:
@@ -302,7 +258,14 @@ def make_app(server: StarlingServer) -> Starlette:
                 save=server.config.save,
             )
 
-        return await _respond(server, request, req.generation, call, chat=True)
+        formatter = ChatFormatter(
+            _head(server, req.generation, "chatcmpl-"),
+            engine.token_bytes,
+            tool_call=tool_call,
+            include_usage=req.generation.include_usage,
+            logprobs=req.generation.logprobs is not None,
+        )
+        return await _respond(server, request, req.generation, call, formatter)
 
     async def completions(request: Request) -> Response:
         req: CompletionRequest = parse_completion(
@@ -310,6 +273,7 @@ def make_app(server: StarlingServer) -> Starlette:
         )
         engine = server.engine()
         server.mode_of(req.generation.model)
+        _check_bias(req.generation, engine.vocab_size)
         tokens = req.prompt_ids or engine.tokenize(req.prompt_text or "", bos=True, special=True)
         _budget(req.generation, engine.n_ctx)
 
@@ -323,15 +287,19 @@ def make_app(server: StarlingServer) -> Starlette:
                 stop_ids=req.stop_token_ids,
             )
 
-        return await _respond(
-            server,
-            request,
-            req.generation,
-            call,
-            chat=False,
+        echo = None
+        if req.echo:
+            echo = req.prompt_text if req.prompt_text is not None else engine.detokenize(tokens)
+        formatter = CompletionFormatter(
+            _head(server, req.generation, "cmpl-"),
+            engine.token_bytes,
+            tokens,
             token_ids=req.return_token_ids,
-            prompt_ids=tokens,
+            include_usage=req.generation.include_usage,
+            logprobs=req.generation.logprobs is not None,
+            echo=echo,
         )
+        return await _respond(server, request, req.generation, call, formatter)
 
     async def tokenize(request: Request) -> Response:
         body = await server.body(request)
@@ -361,20 +329,42 @@ def make_app(server: StarlingServer) -> Starlette:
         text = engine.detokenize(tokens)
         return JSONResponse({"content": text, "prompt": text})
 
-    routes = [
-        Route("/health", endpoint(health, open_=True), methods=["GET"]),
-        Route("/v1/models", endpoint(models), methods=["GET"]),
-        Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
-        Route("/v1/completions", endpoint(completions), methods=["POST"]),
+    routes = [Route("/health", endpoint(health, open_=True), methods=["GET"])]
+    # Every API route also answers without the /v1 prefix, as llama-server's do.
+    for prefix in ("/v1", ""):
+        routes += [
+            Route(f"{prefix}/models", endpoint(models), methods=["GET"]),
+            Route(f"{prefix}/models/{{model:path}}", endpoint(model), methods=["GET"]),
+            Route(f"{prefix}/chat/completions", endpoint(chat), methods=["POST"]),
+            Route(f"{prefix}/completions", endpoint(completions), methods=["POST"]),
+        ]
+    routes += [
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),
         Route("/detokenize", endpoint(detokenize), methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+            return _error_response(APIError(405, message, code="method_not_allowed"))
+        message = f"no such route: {request.method} {request.url.path}"
+        return _error_response(APIError(exc.status_code, message, code="not_found"))
+
+    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+
+
+def _head(server: StarlingServer, generation: Generation, prefix: str) -> dict[str, Any]:
+    return {
+        "id": prefix + secrets.token_hex(12),
+        "created": int(time.time()),
+        "model": generation.model or server.config.model_id,
+    }
 
 
 def _budget(generation: Generation, n_ctx: int) -> None:
     """Without `max_tokens`, a reply may run to the end of the context window."""
-    limit = generation.max_tokens or n_ctx
+    limit = n_ctx if generation.max_tokens is None else generation.max_tokens
     generation.settings = generation.settings.with_sampling(max_tokens=limit)
 
 
@@ -382,19 +372,9 @@ async def _respond(
     server: StarlingServer,
     request: Request,
     generation: Generation,
-    call: Callable[[ReplyHooks, threading.Event], ReplyOutcome],
-    *,
-    chat: bool,
-    token_ids: bool = False,
-    prompt_ids: list[int] | None = None,
+    call: Call,
+    formatter: Formatter,
 ) -> Response:
-    ident = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-    head = {
-        "id": ident,
-        "object": "chat.completion" if chat else "text_completion",
-        "created": int(time.time()),
-        "model": generation.model or server.config.model_id,
-    }
     run = server.start(request, call)
     events = run.events()
     # The request may wait for its turn; once the prompt is accepted (it fits the context...)
@@ -410,42 +390,22 @@ async def _respond(
         assert outcome is not None
         if outcome.error:
             raise APIError(500, outcome.error, kind="server_error")
-        choice: dict[str, Any] = {"index": 0, "finish_reason": FINISH[outcome.stats.stop_reason]}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": outcome.text}
-        else:
-            choice |= {"text": outcome.text, "logprobs": None}
-            if token_ids:
-                choice |= {"token_ids": outcome.token_ids, "prompt_token_ids": prompt_ids}
-        return JSONResponse({**head, "choices": [choice], "usage": _usage(outcome)})
-
-    chunk_head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-    usage_null = {"usage": None} if generation.include_usage else {}
-
-    def chunk(text: str | None, ids: list[int], finish: str | None) -> dict[str, Any]:
-        if chat:
-            delta = {} if text is None else {"content": text}
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
-            if token_ids:
-                choice["token_ids"] = ids
-        return {**chunk_head, "choices": [choice], **usage_null}
+        return JSONResponse(formatter.whole(outcome))
 
     async def stream() -> AsyncIterator[str]:
         try:
-            if chat:
-                first = chunk("", [], None)
-                first["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+            for first in formatter.first():
                 yield _sse(first)
             async for item in events:
                 if isinstance(item, ReplyOutcome):
-                    yield _sse(chunk(None, [], FINISH[item.stats.stop_reason]))
-                    if generation.include_usage:
-                        yield _sse({**chunk_head, "choices": [], "usage": _usage(item)})
-                elif isinstance(item, tuple):
-                    text, ids = item
-                    yield _sse(chunk(text, ids, None))
+                    if item.error:
+                        raise APIError(500, item.error, kind="server_error")
+                    for last in formatter.last(item):
+                        yield _sse(last)
+                elif isinstance(item, Piece):
+                    chunk = formatter.piece(item)
+                    if chunk is not None:
+                        yield _sse(chunk)
             yield "data: [DONE]\n\n"
         except Exception as exc:  # after the headers: the error goes in the stream
             yield _sse(_as_api_error(exc).body())

@@ -10,10 +10,20 @@ from typing import Any
 
 from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Message, Mode
+from starling_local.chat.tools import Function, ToolCall, calls_text, result_text
+from starling_local.engine.grammar import (
+    Grammar,
+    GrammarError,
+    json_object_grammar,
+    schema_grammar,
+)
+from starling_local.engine.logprobs import MAX_TOP
 
 #: Bodies larger than this are refused (413) before they are parsed.
 MAX_BODY_BYTES = 4 << 20
 MAX_STOPS = 8
+MAX_TOOLS = 128
+MAX_LOGIT_BIAS = 300
 
 
 class APIError(Exception):
@@ -86,7 +96,9 @@ def _integer(body: dict[str, Any], key: str, low: int, high: int = 2**31 - 1) ->
 
 
 def _flag(body: dict[str, Any], key: str) -> bool:
-    value = body.get(key, False)
+    value = body.get(key)
+    if value is None:  # null means "not set", for every optional field
+        return False
     if not isinstance(value, bool):
         raise bad(f"'{key}' must be true or false", key)
     return value
@@ -126,9 +138,33 @@ class Generation:
     stream: bool = False
     include_usage: bool = False
 
+    @property
+    def logprobs(self) -> int | None:
+        return self.settings.sampling.logprobs
 
-def _generation(body: dict[str, Any], base: ConversationSettings) -> Generation:
-    model = body.get("model", "")
+
+def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
+    value = body.get("logit_bias")
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise bad("'logit_bias' must map token ids to numbers", "logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise bad(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens", "logit_bias")
+    out = []
+    for key, bias in value.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise bad(f"'logit_bias': {key!r} is not a token id", "logit_bias")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise bad("'logit_bias' values must be numbers from -100 to 100", "logit_bias")
+        out.append((int(key), float(bias)))
+    return tuple(out)
+
+
+def _generation(
+    body: dict[str, Any], base: ConversationSettings, *, min_tokens: int = 1
+) -> Generation:
+    model = body.get("model") or ""
     if not isinstance(model, str):
         raise bad("'model' must be a string", "model")
     n = _integer(body, "n", 1)
@@ -148,9 +184,18 @@ def _generation(body: dict[str, Any], base: ConversationSettings) -> Generation:
     penalty = _number(body, "repetition_penalty", 0.0, 10.0)
     if penalty is not None:
         sampling["repeat_penalty"] = penalty
+    for key in ("frequency_penalty", "presence_penalty"):
+        value = _number(body, key, -2.0, 2.0)
+        if value is not None:
+            sampling[key] = value
+    bias = _logit_bias(body)
+    if bias:
+        sampling["logit_bias"] = bias
     if _flag(body, "ignore_eos"):  # vLLM's field: decode past the end of the turn (benchmarks)
         sampling["ignore_eos"] = True
-    max_tokens = _integer(body, "max_completion_tokens", 1) or _integer(body, "max_tokens", 1)
+    max_tokens = _integer(body, "max_completion_tokens", min_tokens)
+    if max_tokens is None:
+        max_tokens = _integer(body, "max_tokens", min_tokens)
     stream = _flag(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
@@ -183,35 +228,163 @@ def _content(value: Any, index: int) -> str:
 class ChatRequest:
     generation: Generation
     messages: list[Message]
+    tools: list[Function] = field(default_factory=list)
+    tool_choice: str = "auto"
+    """"auto", "none", "required", or "function:NAME"."""
+
+    @property
+    def wants_call(self) -> bool:
+        return self.tool_choice == "required" or self.tool_choice.startswith("function:")
+
+    def called_functions(self) -> list[Function]:
+        """The functions a demanded call may be to."""
+        if self.tool_choice.startswith("function:"):
+            name = self.tool_choice.removeprefix("function:")
+            return [f for f in self.tools if f.name == name]
+        return self.tools
 
 
-def parse_chat(body: dict[str, Any], base: ConversationSettings) -> ChatRequest:
-    """A `/v1/chat/completions` body; system messages become the system prompt (placed by the
-    system policy), the rest the turns, the last of which must be the user's."""
-    if body.get("tools") or body.get("functions") or body.get("tool_choice") not in (None, "none"):
+def _tools(body: dict[str, Any]) -> list[Function]:
+    raw = body.get("tools")
+    if raw is None and body.get("functions") is not None:  # the legacy `functions` field
+        raw = [{"type": "function", "function": f} for f in body["functions"] or []]
+    if raw is None:
+        return []
+    if not isinstance(raw, list):
+        raise bad("'tools' must be a list", "tools")
+    if len(raw) > MAX_TOOLS:
+        raise bad(f"at most {MAX_TOOLS} tools", "tools")
+    out = []
+    for i, tool in enumerate(raw):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+            raise bad(f"tools[{i}]: only function tools are supported", "tools")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise bad(f"tools[{i}].function needs a 'name'", "tools")
+        parameters = fn.get("parameters")
+        if parameters is None:
+            parameters = {"type": "object", "properties": {}}
+        if not isinstance(parameters, dict):
+            raise bad(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+        description = fn.get("description") or ""
+        if not isinstance(description, str):
+            raise bad(f"tools[{i}].function.description must be a string", "tools")
+        out.append(Function(fn["name"], description, parameters))
+    return out
+
+
+def _tool_choice(body: dict[str, Any], tools: list[Function]) -> str:
+    choice = body.get("tool_choice")
+    if choice is None and body.get("function_call") is not None:  # legacy
+        legacy = body["function_call"]
+        choice = {"type": "function", "function": legacy} if isinstance(legacy, dict) else legacy
+    if choice is None:
+        return "auto"
+    if choice in ("auto", "none", "required"):
+        if choice == "required" and not tools:
+            raise bad("'tool_choice' is 'required' but no tools are given", "tool_choice")
+        return str(choice)
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(name, str):
         raise bad(
-            "Starling has no tool or function calling; send the request without tools", "tools"
+            "'tool_choice' must be 'auto', 'none', 'required' or "
+            '{"type": "function", "function": {"name": ...}}',
+            "tool_choice",
         )
-    raw = body.get("messages")
+    if name not in {f.name for f in tools}:
+        raise bad(f"'tool_choice' names {name!r}, which is not among the tools", "tool_choice")
+    return f"function:{name}"
+
+
+def _response_format(body: dict[str, Any]) -> Grammar | None:
+    """`response_format` as a grammar (None: plain text)."""
+    fmt = body.get("response_format")
+    if fmt is None:
+        return None
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    try:
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return json_object_grammar()
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+                raise bad(
+                    "'response_format.json_schema' needs a 'schema' object",
+                    "response_format",
+                )
+            return schema_grammar(spec["schema"])
+    except GrammarError as exc:
+        raise bad(str(exc), "response_format", "unsupported_schema") from None
+    raise bad(
+        "'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format"
+    )
+
+
+def _tool_calls(value: Any, index: int) -> list[ToolCall]:
+    if not isinstance(value, list):
+        raise bad(f"messages[{index}].tool_calls must be a list", "messages")
+    calls = []
+    for call in value:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad(f"messages[{index}]: a tool call needs function.name", "messages")
+        arguments = fn.get("arguments") or "{}"
+        if not isinstance(arguments, str):
+            arguments = json.dumps(arguments)
+        calls.append(ToolCall(str(call.get("id") or ""), fn["name"], arguments))
+    return calls
+
+
+def _messages(raw: Any) -> tuple[list[str], list[Message]]:
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list", "messages")
     system: list[str] = []
     messages: list[Message] = []
+    names: dict[str, str] = {}  # tool call id -> function name
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
             raise bad(f"messages[{i}] must be an object", "messages")
         role = m.get("role")
-        text = _content(m.get("content"), i)
+        calls = _tool_calls(m["tool_calls"], i) if m.get("tool_calls") else []
+        if m.get("content") is None and (calls or role in ("assistant", "tool", "function")):
+            text = ""
+        else:
+            text = _content(m.get("content"), i)
         if role in ("system", "developer"):
             system.append(text.strip())
-        elif role in ("user", "assistant"):
-            messages.append(Message(role, text))
+        elif role == "user":
+            messages.append(Message("user", text))
+        elif role == "assistant":
+            names.update({c.id: c.name for c in calls if c.id})
+            messages.append(Message("assistant", calls_text(text, calls) if calls else text))
+        elif role in ("tool", "function"):
+            call_id = m.get("tool_call_id")
+            call_id = call_id if isinstance(call_id, str) else None
+            name = m.get("name") if isinstance(m.get("name"), str) else None
+            name = name or (names.get(call_id) if call_id else None)
+            messages.append(Message("user", result_text(text, name, call_id)))
         else:
-            raise bad(f"messages[{i}]: role must be system, user or assistant, not {role!r}")
-    if not messages or messages[-1].role != "user":
-        raise bad("the last message must be the user's", "messages")
+            raise bad(
+                f"messages[{i}]: role must be system, developer, user, assistant or tool, "
+                f"not {role!r}"
+            )
+    if not messages:
+        raise bad("the messages hold no user message", "messages")
     if not messages[-1].content.strip():
         raise bad("the last message is empty", "messages")
+    return system, messages
+
+
+def parse_chat(body: dict[str, Any], base: ConversationSettings) -> ChatRequest:
+    """A `/v1/chat/completions` body; system messages become the system prompt (placed by the
+    system policy), the rest the turns. A history that ends with the assistant's message is a
+    reply to continue."""
+    system, messages = _messages(body.get("messages"))
+    tools = _tools(body)
+    choice = _tool_choice(body, tools)
+    _flag(body, "parallel_tool_calls")  # accepted; one call is returned
     generation = _generation(body, base)
     settings = generation.settings
     if system:
@@ -221,8 +394,16 @@ def parse_chat(body: dict[str, Any], base: ConversationSettings) -> ChatRequest:
         if mode not in ("chat", "code"):
             raise bad("'mode' must be chat or code", "mode")
         settings = replace(settings, mode=Mode(mode))
+    grammar = _response_format(body)
+    if _flag(body, "logprobs"):
+        top = _integer(body, "top_logprobs", 0, MAX_TOP)
+        settings = settings.with_sampling(logprobs=top or 0)
+    elif body.get("top_logprobs") is not None:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    if grammar is not None:
+        settings = settings.with_sampling(grammar=grammar)
     generation.settings = settings
-    return ChatRequest(generation, messages)
+    return ChatRequest(generation, messages, tools, choice)
 
 
 @dataclass
@@ -232,6 +413,7 @@ class CompletionRequest:
     prompt_ids: list[int] | None
     stop_token_ids: list[int]
     return_token_ids: bool
+    echo: bool = False
 
 
 def parse_completion(body: dict[str, Any], base: ConversationSettings) -> CompletionRequest:
@@ -250,6 +432,16 @@ def parse_completion(body: dict[str, Any], base: ConversationSettings) -> Comple
     else:
         raise bad("'prompt' must be a non-empty string or list of token ids", "prompt")
     stop_ids = _token_ids(body.get("stop_token_ids") or [], "stop_token_ids")
-    return CompletionRequest(
-        _generation(body, base), text, ids, stop_ids, _flag(body, "return_token_ids")
-    )
+    echo = _flag(body, "echo")
+    generation = _generation(body, base, min_tokens=0 if echo else 1)
+    logprobs = _integer(body, "logprobs", 0, MAX_TOP)
+    settings = generation.settings
+    if logprobs is not None:
+        settings = settings.with_sampling(logprobs=logprobs)
+        if echo:
+            settings = settings.with_sampling(prompt_logprobs=logprobs)
+    grammar = _response_format(body)
+    if grammar is not None:
+        settings = settings.with_sampling(grammar=grammar)
+    generation.settings = settings
+    return CompletionRequest(generation, text, ids, stop_ids, _flag(body, "return_token_ids"), echo)

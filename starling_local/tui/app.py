@@ -23,6 +23,7 @@ COMMANDS = (
     ("New conversation", "Start a new conversation", "new"),
     ("Stop", "Stop the reply being generated", "stop"),
     ("Regenerate", "Generate the last reply again", "regenerate"),
+    ("Continue reply", "Extend a stopped or cut reply in place (F9)", "continue_reply"),
     ("Edit last message", "Edit your last message and resend it", "edit_last"),
     ("Rename conversation", "Give the conversation a new title", "rename"),
     ("Delete conversation", "Delete the conversation (asks first)", "delete"),

@@ -36,6 +36,7 @@ class ChatScreen(ReplyStreaming):
         Binding("ctrl+n", "new", "New", id="new"),
         Binding("escape", "stop", "Stop", id="stop"),
         Binding("ctrl+g", "regenerate", "Regenerate", id="regenerate"),
+        Binding("f9", "continue_reply", "Continue", id="continue", show=False),
         Binding("ctrl+l", "edit_last", "Edit last", id="edit"),
         Binding("ctrl+r", "rename", "Rename", id="rename"),
         Binding("f8", "delete", "Delete", id="delete"),

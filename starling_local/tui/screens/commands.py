@@ -113,6 +113,19 @@ class ConversationCommands(Screen[None]):
         if cid is not None and self.can_reply():
             self.start_reply(lambda: self.service.regenerate(cid), reshow=True)
 
+    def action_continue_reply(self) -> None:
+        """Extend the last reply in place, when it was stopped or cut at its length."""
+        cid, conv = self.cid, self.conversation
+        last = conv.messages[-1] if conv is not None and conv.messages else None
+        if cid is None or last is None or last.role != "assistant" or not last.content.strip():
+            self.notify("Nothing to continue: the last message is not a reply.")
+            return
+        if not last.incomplete and last.stop_reason not in ("cancelled", "length"):
+            self.notify("The last reply is complete: Continue extends a stopped or cut reply.")
+            return
+        if self.can_reply():
+            self.start_reply(lambda: self.service.get(cid), reshow=True)
+
     def action_edit_last(self) -> None:
         cid = self.cid
         users = (

@@ -61,11 +61,21 @@ class ReplyStreaming(ConversationCommands):
     async def on_reply_started(self, message: ReplyStarted) -> None:
         start = message.start
         assert start.conversation_id is not None
+        before = self.conversation  # as shown: a continued reply's text before it grows
         if self.reshow or self.cid != start.conversation_id:
             self.conversation = self.service.get(start.conversation_id)
             if self.reshow:
                 await self.open_conversation(self.conversation, hide=start.message_id)
-        self.reply_view = await self.chat.add("assistant", "", message_id=start.message_id)
+        # A continued reply keeps its text: the stream extends it.
+        extended = next(
+            (
+                m.content.rstrip()
+                for m in (before.messages if before else [])
+                if m.id == start.message_id and m.role == "assistant"
+            ),
+            "",
+        )
+        self.reply_view = await self.chat.add("assistant", extended, message_id=start.message_id)
         self._context_base = (start.prompt_tokens, start.n_ctx)
         self.md_stream = Markdown.get_stream(self.reply_view.markdown)
         if start.dropped_messages:

@@ -138,7 +138,8 @@ def test_completions_take_token_ids_and_return_them(server: Served) -> None:
         (json.dumps({"messages": HELLO, "n": 2}).encode(), 400, "n=1"),
         (json.dumps({"messages": HELLO, "tools": [{"type": "function"}]}).encode(), 400, "tool"),
         (json.dumps({"messages": HELLO, "model": "gpt-4o"}).encode(), 404, "does not exist"),
-        (json.dumps({"messages": [{"role": "assistant", "content": "x"}]}).encode(), 400, "last"),
+        (json.dumps({"messages": [{"role": "system", "content": "x"}]}).encode(), 400, "user"),
+        (json.dumps({"messages": HELLO, "tools": [{"type": "web"}]}).encode(), 400, "function"),
         (json.dumps({"messages": [{"role": "user", "content": 7}]}).encode(), 400, "content"),
         (
             json.dumps({"messages": [{"role": "user", "content": "llama " * 3000}]}).encode(),

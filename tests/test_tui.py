@@ -17,7 +17,7 @@ import pytest
 from textual.widgets import DataTable, Input, Label, TextArea
 
 from starling_local.store.conversations import ConversationStore
-from starling_local.tui.app import StarlingApp
+from starling_local.tui.app import COMMANDS, StarlingApp
 from starling_local.tui.screens.chat import ChatScreen
 from starling_local.tui.screens.dialogs import (
     ConfirmScreen,
@@ -589,3 +589,40 @@ def test_redraws_are_spaced_by_what_they_cost() -> None:
     burn(0.2)
     busy.drawn()
     assert busy.interval == MAX_INTERVAL_S
+
+
+async def test_continue_extends_a_cut_reply_in_place(
+    talker_gguf: Path, store: ConversationStore
+) -> None:
+    from starling_local.chat.template import Message, render_tokens
+    from starling_local.engine.runtime import Engine, SamplingParams
+
+    app = StarlingApp(model=str(talker_gguf), store=store, n_ctx=1024)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        s.settings = s.settings.with_sampling(temperature=0.0, max_tokens=6)
+        await pilot.press("f9")  # nothing to continue yet: a notice, no reply
+        assert not s.generating
+        await send(pilot, app, "Tell me a story")
+        cid = store.conversations()[0].id
+        cut = store.get(cid).messages[-1]
+        assert cut.stop_reason == "length" and cut.tokens and len(cut.tokens) == 6
+        await pilot.press("f9")
+        await until(
+            pilot, lambda: len(store.get(cid).messages[-1].tokens or ()) == 12 and not s.generating
+        )
+        grown = store.get(cid).messages[-1]
+        assert grown.id == cut.id and grown.content.startswith(cut.content)
+        assert roles(app) == ["user", "assistant"]  # the same message, longer
+        view = s.chat.last("assistant")
+        assert view is not None and view.markdown.source == grown.content
+        assert ("Continue reply", "continue_reply") in [(t, a) for t, _, a in COMMANDS]
+    # Greedy decoding of 12 tokens in one go gives the same ids: the continuation was exact.
+    engine = Engine(talker_gguf, n_ctx=1024)
+    try:
+        prompt = render_tokens([Message("user", "Tell me a story")], engine.tokenize_text)
+        whole = engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=12))
+        whole.consume()
+    finally:
+        engine.close()
+    assert tuple(whole.token_ids) == grown.tokens

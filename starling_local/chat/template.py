@@ -162,23 +162,23 @@ class PromptStyle:
 DEFAULT_STYLE = PromptStyle()
 
 
-def _wants_reply(messages: Sequence[Message]) -> bool:
-    return not messages or messages[-1].role != "assistant"
+def _continues(messages: Sequence[Message]) -> bool:
+    return bool(messages) and messages[-1].role == "assistant"
 
 
 def render_text(
     messages: Sequence[Message], system: str = "", style: PromptStyle = DEFAULT_STYLE
 ) -> str:
-    """Render a conversation to the exact prompt text (ready for the reply unless it ends with
-    one), special tokens written as their pieces."""
+    """Render a conversation to the exact prompt text of its next reply (one that ends with a
+    reply is left open: the reply continues it), special tokens written as their pieces."""
     return segments_to_text(
         render_segments(
             messages,
             mode=style.mode,
             system=system,
             policy=style.policy,
-            add_generation_prompt=_wants_reply(messages),
             exact=False,
+            continue_last=_continues(messages),
         )
     )
 
@@ -189,15 +189,15 @@ def render_tokens(
     system: str = "",
     style: PromptStyle = DEFAULT_STYLE,
 ) -> list[int]:
-    """Render a conversation to the exact prompt token ids (ready for the reply unless it ends
-    with one)."""
+    """Render a conversation to the exact prompt token ids of its next reply (one that ends
+    with a reply is left open: the reply continues it)."""
     return segments_to_tokens(
         render_segments(
             messages,
             mode=style.mode,
             system=system,
             policy=style.policy,
-            add_generation_prompt=_wants_reply(messages),
+            continue_last=_continues(messages),
         ),
         tokenize,
     )

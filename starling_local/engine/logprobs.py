@@ -34,7 +34,10 @@ def token_logprob(logits: npt.NDArray[np.float32], token: int, top: int) -> Toke
     best: tuple[tuple[int, float], ...] = ()
     if top > 0:
         k = min(top, MAX_TOP, len(logp))
-        ids = np.argpartition(-logp, k - 1)[:k]
-        ids = ids[np.argsort(-logp[ids], kind="stable")]
+        # Ties go to the lower id, as llama.cpp's greedy sampler breaks them; the k-th place
+        # may be tied with ids outside the partition, so take those too before cutting.
+        cut = np.partition(-logp, k - 1)[k - 1]
+        ids = np.flatnonzero(-logp <= cut)
+        ids = ids[np.lexsort((ids, -logp[ids]))][:k]
         best = tuple((int(i), float(logp[i])) for i in ids)
     return TokenLogprob(int(token), float(logp[token]), best)

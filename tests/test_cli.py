@@ -380,6 +380,8 @@ def test_bench_runs_end_to_end(tiny_q4: Path, tmp_path: Path, starling_home: Pat
         "40",
         "--serve-tokens",
         "16",
+        "--grammar-tokens",
+        "24",
         "--json",
         out,
         home=starling_home,
@@ -417,5 +419,8 @@ def test_bench_runs_end_to_end(tiny_q4: Path, tmp_path: Path, starling_home: Pat
     # only the new turn (its ~55 tokens, plus the reply's end-of-turn) is evaluated.
     assert all(row["evaluated"] < 64 for row in later), later
     assert later[-1]["prompt_tokens"] > 250
+    grammar = f["grammar"]
+    assert grammar["grammar_tokens_per_s"] > 0 and grammar["ratio"] > 0
     assert "raw llama.cpp" in r.stdout and "resume" in r.stdout and "alternating" in r.stdout
+    assert "JSON-schema grammar" in r.stdout
     assert "branch a" in r.stdout

@@ -101,11 +101,10 @@ class _OldLlama:
     def __init__(self) -> None:
         self.context = None
         self._batch = None
+        self._model = None
+        self._seed = 0
         self.n_tokens = 0
         self.input_ids = None
-
-    def _init_sampler(self) -> None:
-        pass
 
 
 def test_a_llama_cpp_python_without_the_private_parts_is_refused_in_one_line() -> None:

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx2 as httpx
 import pytest
@@ -288,3 +289,65 @@ def test_serve_can_itself_generate_remotely(served: Served, tiny_q4: Path, tmp_p
         relayed = httpx.post(f"{front.v1}/chat/completions", json=body, timeout=60).json()
     assert relayed["choices"][0]["message"] == direct["choices"][0]["message"]
     assert relayed["usage"]["prompt_tokens"] == 17
+
+
+# --- structured output, logprobs and penalties through a remote ---------------------------------
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 10}, "n": {"type": "integer"}},
+    "required": ["name", "n"],
+}
+
+
+def _constrained(
+    engine: RemoteEngine | Engine, logprobs: bool = True
+) -> tuple[list[int], str, list[Any]]:
+    from starling_local.engine.grammar import schema_grammar
+
+    prompt = render_tokens([Message("user", "Describe a city")], engine.tokenize_text)
+    params = SamplingParams(
+        temperature=0.0,
+        max_tokens=200,
+        grammar=schema_grammar(SCHEMA),
+        logprobs=2 if logprobs else None,
+        presence_penalty=0.5,
+        logit_bias=((22557, -100.0),),
+    )
+    stream = engine.generate(prompt, params)
+    text = stream.consume()
+    return list(stream.token_ids), text, list(stream.logprobs)
+
+
+def test_a_remote_starling_serve_gets_the_grammar_penalties_and_logprobs(
+    served: Served, tiny_q4: Path
+) -> None:
+    import jsonschema
+
+    remote = RemoteEngine(served.url)
+    local = Engine(tiny_q4, n_ctx=2048)
+    try:
+        ids, text, logprobs = _constrained(remote)
+        jsonschema.validate(json.loads(text), SCHEMA)
+        assert (ids, text) == _constrained(local)[:2]
+        assert [lp.token for lp in logprobs] == ids
+        expected = _constrained(local)[2]
+        assert [lp.logprob for lp in logprobs] == pytest.approx([lp.logprob for lp in expected])
+    finally:
+        remote.close()
+        local.close()
+
+
+def test_llama_server_gets_the_grammar_as_gbnf(llama_server: str, distinct_f16: Path) -> None:
+    import jsonschema
+
+    remote = RemoteEngine(llama_server)
+    local = Engine(distinct_f16, n_ctx=2048)
+    try:
+        ids, text, logprobs = _constrained(remote)
+        jsonschema.validate(json.loads(text), SCHEMA)
+        assert ids == _constrained(local, logprobs=False)[0]
+        assert [lp.token for lp in logprobs] == ids
+    finally:
+        remote.close()
+        local.close()

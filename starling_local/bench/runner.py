@@ -64,6 +64,7 @@ def run_bench(
     branch_tokens: int = 2000,
     tui_tokens: int = 2000,
     serve_tokens: int = 256,
+    grammar_tokens: int = 128,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark sections and return the figures."""
@@ -92,6 +93,10 @@ def run_bench(
         figures["serve"] = serve_figures(
             path, lambda n: starling_decode(engine, n), tokens=serve_tokens
         )
+    if grammar_tokens:
+        from starling_local.bench.grammar import grammar_figures
+
+        figures["grammar"] = grammar_figures(engine, grammar_tokens)
     engine.close()
     if resume_tokens:
         figures["resume"] = resume_figures(path, resume_tokens)
@@ -145,6 +150,14 @@ def format_table(f: dict[str, Any]) -> str:
             f"  TTFT turn {turns[-1]['turn']} / turn 1: "
             f"{turns[-1]['ttft_s'] / turns[0]['ttft_s']:.2f}"
         )
+    if "grammar" in f:
+        g = f["grammar"]
+        lines += [
+            "",
+            "JSON-schema grammar (greedy, decode tokens/s)   plain   grammar   ratio",
+            f"  {g['constrained_tokens']} tokens{'':<34}{g['plain_tokens_per_s']:>7.1f}"
+            f"   {g['grammar_tokens_per_s']:>7.1f}   {g['ratio']:.3f}",
+        ]
     if "resume" in f:
         r = f["resume"]
         lines += [

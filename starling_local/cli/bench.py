@@ -46,6 +46,12 @@ def register(sub: Any) -> None:
         help="reply length for the starling serve figures (0 skips)",
     )
     b.add_argument(
+        "--grammar-tokens",
+        type=int,
+        default=128,
+        help="reply length for the JSON-schema grammar figures (0 skips)",
+    )
+    b.add_argument(
         "--speculative",
         action="store_true",
         help="speculative vs plain decoding on --model (any llama-architecture GGUF, prompts in "
@@ -129,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
         branch_tokens=args.branch_tokens,
         tui_tokens=args.tui_tokens,
         serve_tokens=args.serve_tokens,
+        grammar_tokens=args.grammar_tokens,
         n_gpu_layers=args.gpu_layers,
         extra=extra,
     )

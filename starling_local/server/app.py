@@ -298,6 +298,7 @@ def make_app(server: StarlingServer) -> Starlette:
             include_usage=req.generation.include_usage,
             logprobs=req.generation.logprobs is not None,
             echo=echo,
+            tokens_as_ids=req.tokens_as_ids,
         )
         return await _respond(server, request, req.generation, call, formatter)
 

@@ -296,11 +296,32 @@ def _tool_choice(body: dict[str, Any], tools: list[Function]) -> str:
     return f"function:{name}"
 
 
+def _structured_outputs(body: dict[str, Any]) -> Grammar | None:
+    """vLLM's `structured_outputs` field (`json`: a schema, `json_object`), as remote
+    starling-local engines send it."""
+    spec = body.get("structured_outputs")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise bad("'structured_outputs' must be an object", "structured_outputs")
+    try:
+        if isinstance(spec.get("json"), dict):
+            return schema_grammar(spec["json"])
+        if spec.get("json_object") is True:
+            return json_object_grammar()
+    except GrammarError as exc:
+        raise bad(str(exc), "structured_outputs", "unsupported_schema") from None
+    raise bad(
+        "'structured_outputs' takes 'json' (a schema) or 'json_object' here",
+        "structured_outputs",
+    )
+
+
 def _response_format(body: dict[str, Any]) -> Grammar | None:
-    """`response_format` as a grammar (None: plain text)."""
+    """`response_format` (or vLLM's `structured_outputs`) as a grammar (None: plain text)."""
     fmt = body.get("response_format")
     if fmt is None:
-        return None
+        return _structured_outputs(body)
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     try:
         if kind == "text":
@@ -414,6 +435,8 @@ class CompletionRequest:
     stop_token_ids: list[int]
     return_token_ids: bool
     echo: bool = False
+    tokens_as_ids: bool = False
+    """vLLM's `return_tokens_as_token_ids`: logprobs name tokens as "token_id:N"."""
 
 
 def parse_completion(body: dict[str, Any], base: ConversationSettings) -> CompletionRequest:
@@ -444,4 +467,12 @@ def parse_completion(body: dict[str, Any], base: ConversationSettings) -> Comple
     if grammar is not None:
         settings = settings.with_sampling(grammar=grammar)
     generation.settings = settings
-    return CompletionRequest(generation, text, ids, stop_ids, _flag(body, "return_token_ids"), echo)
+    return CompletionRequest(
+        generation,
+        text,
+        ids,
+        stop_ids,
+        _flag(body, "return_token_ids"),
+        echo,
+        _flag(body, "return_tokens_as_token_ids"),
+    )

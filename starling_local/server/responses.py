@@ -148,20 +148,22 @@ class CompletionFormatter:
     logprobs: bool = False
     echo: str | None = None
     """The prompt text, when the reply repeats it (`echo`)."""
+    tokens_as_ids: bool = False
     _offset: int = 0
+
+    def _name(self, token: int) -> str:
+        return f"token_id:{token}" if self.tokens_as_ids else _text(self.token_bytes(token))
 
     def _legacy(self, ids: Sequence[int], entries: Sequence[TokenLogprob | None]) -> dict[str, Any]:
         """OpenAI's legacy shape: tokens, their logprobs, the top ones, character offsets."""
         tokens, offsets, logprobs, tops = [], [], [], []
         for token, lp in zip(ids, entries, strict=False):
             text = _text(self.token_bytes(token))
-            tokens.append(text)
+            tokens.append(self._name(token))
             offsets.append(self._offset)
             self._offset += len(text)
             logprobs.append(None if lp is None else lp.logprob)
-            tops.append(
-                None if lp is None else {_text(self.token_bytes(t)): p for t, p in lp.top} or None
-            )
+            tops.append(None if lp is None else {self._name(t): p for t, p in lp.top} or None)
         return {
             "tokens": tokens,
             "token_logprobs": logprobs,

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from starling_local.errors import StarlingError
 
-GrammarKind = Literal["json_object", "json_schema", "gbnf"]
+GrammarKind = Literal["json_object", "json_schema"]
 
 #: Keywords the converter turns into grammar rules.
 CONSTRAINING = frozenset(
@@ -70,7 +70,7 @@ class GrammarError(StarlingError):
 @dataclass(frozen=True)
 class Grammar:
     """What constrains a reply: GBNF text for llama.cpp, and the schema it came from (sent to
-    remote engines as a schema, and used to check the reply)."""
+    vLLM as a schema, and used to check the reply)."""
 
     gbnf: str
     kind: GrammarKind
@@ -93,14 +93,14 @@ def schema_grammar(schema: Any) -> Grammar:
         gbnf = json_schema_to_gbnf(json.dumps(schema))
     except (AssertionError, KeyError, ValueError, TypeError, RecursionError) as exc:
         raise GrammarError(f"the schema cannot be turned into a grammar: {exc}") from None
-    return Grammar(_leading_space(gbnf), "json_schema", schema)
+    return Grammar(_leading_space(_strict_strings(gbnf)), "json_schema", schema)
 
 
-def gbnf_grammar(text: str) -> Grammar:
-    """A grammar given as GBNF text (llama-server's `grammar` field)."""
-    if not isinstance(text, str) or not re.search(r"^\s*root\s*::=", text, re.M):
-        raise GrammarError("a GBNF grammar needs a 'root ::= ...' rule")
-    return Grammar(text, "gbnf")
+def _strict_strings(gbnf: str) -> str:
+    # The converter vendored in llama-cpp-python lets a string hold raw control characters
+    # (`char ::= [^"\\] | ...`), which JSON forbids: a reply with a raw carriage return would
+    # not parse. The same rule without them, as llama.cpp's newer converter writes it.
+    return gbnf.replace(r'char ::= [^"\\] ', r'char ::= [^"\\\x7F\x00-\x1F] ')
 
 
 def _leading_space(gbnf: str) -> str:

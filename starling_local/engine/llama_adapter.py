@@ -220,10 +220,12 @@ def make_sampler(
     grammar: str | None = None,
 ) -> Any:
     """llama.cpp's sampler chain in the order its own `common_sampler` uses: logit bias,
-    penalties (repeat, frequency, presence), the grammar, then greedy at temperature 0, else
-    top-k, typical, top-p, min-p, temperature, and a draw seeded by `Llama.set_seed`. Close it
-    with `.close()`. A grammar llama.cpp cannot parse raises ValueError."""
+    penalties (repeat, frequency, presence), then greedy at temperature 0, else top-k, typical,
+    top-p, min-p, temperature, and a draw seeded by `Llama.set_seed`; with a grammar, checked as
+    `common_sampler` checks it (see `GrammarSampler`). Close it with `.close()`. A grammar
+    llama.cpp cannot parse raises ValueError."""
     sampler = llama_cpp._internals.LlamaSampler()
+    rule = None
     try:
         if logit_bias:
             sampler.add_logit_bias(int(llm.n_vocab()), dict(logit_bias))
@@ -236,13 +238,12 @@ def make_sampler(
         )
         if grammar is not None:
             # llama.cpp returns NULL for a grammar it cannot parse (LlamaSampler.add_grammar
-            # would add the NULL to the chain).
+            # would add the NULL to a chain).
             rule = llama_cpp.llama_sampler_init_grammar(
                 llm._model.vocab, grammar.encode("utf-8"), b"root"
             )
             if not rule:
                 raise ValueError("llama.cpp could not parse the grammar")
-            llama_cpp.llama_sampler_chain_add(sampler.sampler, rule)
         if temperature == 0.0:
             sampler.add_greedy()
         else:
@@ -255,7 +256,63 @@ def make_sampler(
     except BaseException:
         sampler.close()
         raise
+    if rule is not None:
+        return GrammarSampler(sampler, rule, int(llm.n_vocab()))
     return sampler
+
+
+class GrammarSampler:
+    """A sampler chain and a grammar, used as llama.cpp's `common_sampler_sample` uses them:
+    sample with the chain alone, check that one token against the grammar, and only when the
+    grammar refuses it apply the grammar to every candidate and sample again. The grammar's
+    check of all 32k candidates is what costs; most tokens pass the single check. The token is
+    then accepted by both (the chain's penalties and the grammar's state see it once)."""
+
+    def __init__(self, chain: Any, rule: Any, n_vocab: int) -> None:
+        import numpy as np
+
+        self._chain = chain
+        self._rule = rule
+        self._n_vocab = n_vocab
+        self._data = (llama_cpp.llama_token_data * n_vocab)()
+        dtype = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+        self._view = np.frombuffer(self._data, dtype=dtype)
+        self._ids = np.arange(n_vocab, dtype=np.intc)
+        self._one = (llama_cpp.llama_token_data * 1)()
+
+    def _candidates(self, ctx: Any, idx: int) -> Any:
+        import numpy as np
+
+        row = llama_cpp.llama_get_logits_ith(ctx.ctx, idx)
+        self._view["id"] = self._ids
+        self._view["logit"] = np.ctypeslib.as_array(row, shape=(self._n_vocab,))
+        self._view["p"] = 0.0
+        return llama_cpp.llama_token_data_array(
+            data=self._data, size=self._n_vocab, selected=-1, sorted=False
+        )
+
+    def _pick(self, candidates: Any) -> int:
+        llama_cpp.llama_sampler_apply(self._chain.sampler, ctypes.byref(candidates))
+        return int(candidates.data[candidates.selected].id)
+
+    def sample(self, ctx: Any, idx: int = -1) -> int:
+        token = self._pick(self._candidates(ctx, idx))
+        self._one[0].id, self._one[0].logit, self._one[0].p = token, 1.0, 0.0
+        single = llama_cpp.llama_token_data_array(data=self._one, size=1, selected=-1, sorted=False)
+        llama_cpp.llama_sampler_apply(self._rule, ctypes.byref(single))
+        if single.data[0].logit == float("-inf"):  # refused: constrain every candidate
+            candidates = self._candidates(ctx, idx)
+            llama_cpp.llama_sampler_apply(self._rule, ctypes.byref(candidates))
+            token = self._pick(candidates)
+        llama_cpp.llama_sampler_accept(self._rule, token)
+        llama_cpp.llama_sampler_accept(self._chain.sampler, token)
+        return token
+
+    def close(self) -> None:
+        if self._rule is not None:
+            llama_cpp.llama_sampler_free(self._rule)
+            self._rule = None
+        self._chain.close()
 
 
 def logits_row(llm: Any, index: int) -> Any:

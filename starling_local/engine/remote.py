@@ -240,11 +240,7 @@ class RemoteEngine:
         if grammar is not None:
             # vLLM's structured-output field (also accepted by `starling serve`).
             body["structured_outputs"] = (
-                {"json": grammar.schema}
-                if grammar.schema is not None
-                else {"json_object": True}
-                if grammar.kind == "json_object"
-                else {"grammar": grammar.gbnf}
+                {"json": grammar.schema} if grammar.schema is not None else {"json_object": True}
             )
         if params.logprobs is not None:
             body["logprobs"] = params.logprobs

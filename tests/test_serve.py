@@ -236,7 +236,8 @@ def _stream_then_hang_up(url: str, body: dict[str, object], read: int) -> None:
     raw = json.dumps(body).encode()
     with socket.create_connection((host, int(port))) as sock:
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\n"
             + f"Content-Length: {len(raw)}\r\n\r\n".encode()
             + raw
         )

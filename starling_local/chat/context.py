@@ -59,10 +59,14 @@ def fit_prompt(
     a reply to continue: left open, with no generation prompt after it.
 
     `reserve` is the room wanted for the reply; it is capped at half the window so that a long
-    max-tokens setting does not empty the history. Each message is tokenized once.
+    max-tokens setting does not empty the history. A reserve of the whole window or more is no
+    budget at all (the server's requests without `max_tokens`): every message that fits stays,
+    and the reply may use what the window has left. Each message is tokenized once.
     """
     if not messages:
         raise ValueError("a prompt needs at least one message")
+    if reserve >= n_ctx:
+        reserve = MIN_REPLY_TOKENS
     reserve = max(MIN_REPLY_TOKENS, min(reserve, n_ctx // 2))
     head = [
         BOS_ID,

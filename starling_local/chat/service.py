@@ -348,26 +348,36 @@ class ConversationService:
         `overrides` change sampling fields for this reply only (benchmarks, a request's
         grammar or logprobs)."""
         with self._turn_for(cancel) as turn:
-            conv = self.store.get(conversation_id)
-            settings = settings_of(conv)
-            if overrides:
-                settings = settings.with_sampling(**overrides)
-            messages = to_messages(conv)
-            last = conv.messages[-1] if conv.messages else None
-            extend = last if last is not None and last.role == "assistant" else None
-            if extend is not None and not extend.content.strip():
-                extend = None  # a reply cut before any text: `to_messages` leaves it out
-            prompt = self._fit(messages, settings)
-            return self._generate(
-                prompt.tokens,
-                settings.sampling,
-                turn,
-                hooks,
-                conv.id,
-                dropped=prompt.dropped_messages,
-                stop=stop,
-                extend=extend,
-            )
+            return self._reply_in(turn, conversation_id, hooks, overrides, stop)
+
+    def _reply_in(
+        self,
+        turn: _Turn,
+        conversation_id: int,
+        hooks: ReplyHooks | None,
+        overrides: dict[str, Any] | None,
+        stop: Sequence[str],
+    ) -> ReplyOutcome:
+        conv = self.store.get(conversation_id)
+        settings = settings_of(conv)
+        if overrides:
+            settings = settings.with_sampling(**overrides)
+        messages = to_messages(conv)
+        last = conv.messages[-1] if conv.messages else None
+        extend = last if last is not None and last.role == "assistant" else None
+        if extend is not None and not extend.content.strip():
+            extend = None  # a reply cut before any text: `to_messages` leaves it out
+        prompt = self._fit(messages, settings)
+        return self._generate(
+            prompt.tokens,
+            settings.sampling,
+            turn,
+            hooks,
+            conv.id,
+            dropped=prompt.dropped_messages,
+            stop=stop,
+            extend=extend,
+        )
 
     def continue_reply(
         self,
@@ -424,54 +434,86 @@ class ConversationService:
         cancel: threading.Event | None = None,
         stop: Sequence[str] = (),
         save: bool = False,
+        client_id: str | None = None,
     ) -> ReplyOutcome:
         """A reply to a whole message list (the server's chat requests). With `save` it is kept:
-        it continues the saved conversation that holds exactly the messages before the last
-        one, or starts a new conversation with them. Messages that end with a reply continue
-        it (in the saved conversation that holds exactly them, or a new one)."""
+        it continues the saved conversation whose messages are exactly the ones before the last
+        (of the client `client_id`, when given), or starts one. Messages that end with a reply
+        continue that reply. Finding, writing and replying happen in one turn, so two requests
+        on one history each get a well-formed conversation; a request refused before its reply
+        starts (it does not fit the context...) saves nothing. The request's budget and
+        per-request fields are never saved with the conversation."""
         if not save:
             return self.answer(messages, settings, hooks=hooks, cancel=cancel, stop=stop)
-        if messages and messages[-1].role == "assistant":
-            cid = self._continued(messages)
+        continuing = messages[-1].role == "assistant"
+        history = list(messages if continuing else messages[:-1])
+        once = _request_only(settings) | {"max_tokens": settings.sampling.max_tokens}
+        with self._turn_for(cancel) as turn:
+            self._fit(self._replies.exact(messages), settings)  # refused: nothing is written
+            cid = self._find(history, client_id)
+            kept = settings.with_sampling(max_tokens=SamplingParams().max_tokens)
             if cid is None:
-                cid = self.store.insert(self._new_conversation(messages, settings)).id
-            return self.reply(
-                cid, hooks=hooks, cancel=cancel, stop=stop, overrides=_request_only(settings)
-            )
-        *history, last = messages
-        cid = self._continued(history)
-        if cid is None:
-            cid = self.store.insert(self._new_conversation(history, settings)).id
-        self.send(cid, last.content, settings)
-        return self.reply(
-            cid, hooks=hooks, cancel=cancel, stop=stop, overrides=_request_only(settings)
+                cid = self.store.insert(self._new_conversation(history, kept, client_id)).id
+            else:
+                saved = settings_of(self.store.get(cid, messages=False)).sampling.max_tokens
+                kept = settings.with_sampling(max_tokens=saved)
+            if not continuing:
+                self._add_user(cid, messages[-1].content, kept)
+            outcome = self._reply_in(turn, cid, hooks, once, stop)
+            self._remember_history(cid)
+            return outcome
+
+    def _find(self, history: Sequence[Message], client_id: str | None) -> int | None:
+        """The conversation (of `client_id`, if given) whose messages are exactly `history`."""
+        if not history:
+            return None
+        key = _history_key([(m.role, m.content) for m in history])
+        for conv in self.store.conversations():
+            if client_id is not None and conv.params.get("client_id") != client_id:
+                continue
+            if conv.params.get("history_key") == key:
+                return conv.id
+        return None
+
+    def _remember_history(self, conversation_id: int) -> None:
+        conv = self.store.get(conversation_id)
+        key = _history_key([(m.role, m.content) for m in conv.messages])
+        self.store.update(conversation_id, params={**conv.params, "history_key": key})
+
+    def _add_user(self, conversation_id: int, text: str, settings: ConversationSettings) -> None:
+        conv = self.store.get(conversation_id, messages=False)
+        keep: dict[str, Any] = {
+            k: conv.params[k] for k in ("client_id", "history_key") if k in conv.params
+        }
+        self.store.update(
+            conversation_id,
+            mode=settings.mode.value,
+            system=settings.system,
+            model=self.model_name or None,
+            params={**stored_params(settings), **keep},
         )
+        self.store.add_message(conversation_id, "user", text)
 
     def _new_conversation(
-        self, messages: Sequence[Message], settings: ConversationSettings
+        self,
+        messages: Sequence[Message],
+        settings: ConversationSettings,
+        client_id: str | None = None,
     ) -> Conversation:
+        params = stored_params(settings)
+        if client_id is not None:
+            params["client_id"] = client_id
         return Conversation(
             id=0,
             title="",
             mode=settings.mode.value,
             system=settings.system,
             model=self.model_name,
-            params=stored_params(settings),
+            params=params,
             created="",
             updated="",
             messages=[StoredMessage(0, 0, m.role, m.content, "") for m in messages],
         )
-
-    def _continued(self, history: Sequence[Message], recent: int = 50) -> int | None:
-        """The recent conversation whose messages are exactly `history`."""
-        if not history:
-            return None
-        wanted = [(m.role, m.content.strip()) for m in history]
-        for conv in self.store.conversations(recent):
-            full = self.store.get(conv.id)
-            if [(m.role, m.content.strip()) for m in full.messages] == wanted:
-                return conv.id
-        return None
 
     def complete(
         self,
@@ -555,6 +597,15 @@ class ConversationService:
             # must not take the engine first and leave this file holding its cache.
             self._kv.save(conversation_id)
         return outcome
+
+
+def _history_key(messages: Sequence[tuple[str, str]]) -> str:
+    """Identifies a message list by its roles and texts (whitespace at the ends aside)."""
+    import hashlib
+    import json
+
+    data = json.dumps([(role, text.strip()) for role, text in messages], ensure_ascii=False)
+    return hashlib.sha256(data.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def _request_only(settings: ConversationSettings) -> dict[str, Any]:

@@ -42,6 +42,21 @@ def register(sub: Any) -> None:
     )
     s.add_argument("--save", action="store_true", help="keep served conversations in history")
     s.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin that may call the API, e.g. http://localhost:3000 (more than "
+        "once allowed; '*': any). Other origins get 403; loopback origins always may.",
+    )
+    s.add_argument("--quiet", action="store_true", help="no log line per request")
+    s.add_argument(
+        "--log-level",
+        choices=["info", "debug"],
+        default="info",
+        help="debug: each request's parsed fields in its log line too",
+    )
+    s.add_argument(
         "--system-policy",
         choices=[p.value for p in SystemPolicy],
         default=SystemPolicy.NATIVE.value,
@@ -79,14 +94,13 @@ def served_name(display: str, path: Path) -> str:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from starling_local.acquire.library import display_name, resolve_model
     from starling_local.chat.engines import open_engine
     from starling_local.chat.service import ConversationService
     from starling_local.chat.settings import ConversationSettings
     from starling_local.errors import StarlingError
     from starling_local.server.app import ServerConfig, StarlingServer, make_app
+    from starling_local.server.http import make_server
     from starling_local.store.conversations import ConversationStore
 
     key = args.api_key or os.environ.get("STARLING_API_KEY") or None
@@ -109,13 +123,13 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         save=args.save,
         settings=ConversationSettings(policy=SystemPolicy(args.system_policy)),
+        loopback=is_loopback(args.host),
+        cors_origins=tuple(args.cors_origin),
+        log_requests=not args.quiet,
+        debug=args.log_level == "debug",
     )
     server = StarlingServer(service, config)
-    uv = uvicorn.Server(
-        uvicorn.Config(
-            make_app(server), host=args.host, port=args.port, log_level="warning", access_log=False
-        )
-    )
+    uv = make_server(make_app(server), host=args.host, port=args.port, on_stop=server.stop)
     failed: list[StarlingError] = []
 
     def load() -> None:
@@ -142,9 +156,11 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         uv.run()
     finally:
-        service.close()
+        server.stop()
     if failed:
         raise failed[0]
+    if uv.stopped_by is not None:
+        print("starling: stopped", file=sys.stderr)
     return 0
 
 

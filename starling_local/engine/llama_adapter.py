@@ -315,6 +315,27 @@ class GrammarSampler:
         self._chain.close()
 
 
+def detokenize(llm: Any, tokens: Sequence[int], special: bool = True) -> bytes:
+    """The bytes of `tokens`, in time linear in their number (llama-cpp-python's own
+    `detokenize` grows one bytes object token by token: quadratic). As it does, the space
+    sentencepiece puts before the first word after BOS is dropped."""
+    vocab = llm._model.vocab
+    buffer = ctypes.create_string_buffer(256)
+    pieces = []
+    for token in tokens:
+        n = int(llama_cpp.llama_token_to_piece(vocab, int(token), buffer, 256, 0, special))
+        if n < 0:  # a piece longer than the buffer (none is, in Starling's vocabulary)
+            big = ctypes.create_string_buffer(-n)
+            n = int(llama_cpp.llama_token_to_piece(vocab, int(token), big, -n, 0, special))
+            pieces.append(big.raw[:n])
+        else:
+            pieces.append(buffer.raw[:n])
+    out = b"".join(pieces)
+    if tokens and tokens[0] == int(llm.token_bos()) and out[:1] == b" ":
+        out = out[1:]
+    return out
+
+
 def logits_row(llm: Any, index: int) -> Any:
     """A copy of the float32 logits of the `index`-th token of the last `decode` (numpy)."""
     import numpy as np

@@ -280,9 +280,9 @@ class RemoteEngine:
                         scores = _logprobs(event, self.kind) if params.logprobs is not None else []
                         for i, token in enumerate(ids):
                             if token in stops:
-                                stats.stop_reason = (
-                                    "end_of_turn" if token in (END_OF_TURN_ID,) else "stop"
-                                )
+                                # `</s>` ends a turn here as it does in the local engine.
+                                ended = token in END_IDS and not params.ignore_eos
+                                stats.stop_reason = "end_of_turn" if ended else "stop"
                                 finish = "done"
                                 break
                             if stats.completion_tokens == 0:
@@ -301,6 +301,12 @@ class RemoteEngine:
                             if finish == "stop" and stats.stop_reason == "length":
                                 stats.stop_reason = "end_of_turn"
                             break
+                    else:
+                        if not cancel.is_set():
+                            raise RemoteError(
+                                f"the remote engine at {self.url} ended its stream before the "
+                                "reply was finished"
+                            )
             except httpx.HTTPError as exc:
                 raise RemoteError(f"the remote engine at {self.url} failed: {exc}") from exc
             tail = decoder.flush()

@@ -385,8 +385,8 @@ class Engine:
     def detokenize(self, tokens: Sequence[int]) -> str:
         """The text of `tokens` (control tokens written as their text)."""
         with self._model:
-            data = self._open_llm().detokenize(list(tokens), special=True)
-        return bytes(data).decode("utf-8", errors="replace")
+            data = self._adapter.detokenize(self._open_llm(), tokens, special=True)
+        return data.decode("utf-8", errors="replace")
 
     def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The prompt tokens of `messages` in the file's own chat template (for models that

@@ -17,19 +17,31 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from starling_local.chat.context import ContextOverflowError
-from starling_local.chat.service import ConversationService, ReplyHooks, ReplyOutcome, ReplyStart
+from starling_local.chat.service import (
+    ConversationService,
+    ReplyHooks,
+    ReplyOutcome,
+    ReplyStart,
+    ServiceClosedError,
+)
 from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Mode, render_tokens
 from starling_local.chat.tools import call_grammar, describe
 from starling_local.engine.grammar import GrammarError
 from starling_local.engine.interface import EngineLike
-from starling_local.errors import StarlingError
+from starling_local.engine.remote import RemoteError
+from starling_local.engine.runtime import EngineClosedError
+from starling_local.errors import StarlingError, UsageError
+from starling_local.server.guard import BrowserGuard, RequestLog
 from starling_local.server.protocol import (
     MAX_BODY_BYTES,
     APIError,
@@ -41,10 +53,14 @@ from starling_local.server.protocol import (
     parse_completion,
     parse_json,
 )
-from starling_local.server.responses import ChatFormatter, CompletionFormatter, Formatter
+from starling_local.server.responses import ChatFormatter, CompletionFormatter, Formatter, usage
 from starling_local.server.run import Call, Piece, Run
 
 OWNER = "starling-local"
+#: The most token ids a request may send (a prompt, /detokenize), and characters to tokenize:
+#: past them 413. Tokenizing and detokenizing run off the event loop, in linear time.
+MAX_IDS = 1 << 16
+MAX_CHARS = 1 << 21
 
 
 @dataclass
@@ -59,6 +75,13 @@ class ServerConfig:
     save: bool = False
     """Keep served conversations in the history."""
     settings: ConversationSettings = field(default_factory=ConversationSettings)
+    loopback: bool = True
+    """Bound to a loopback address: a `Host` that is not a loopback name is refused."""
+    cors_origins: tuple[str, ...] = ()
+    """Browser origins that may call the API (`*`: any); loopback origins always may."""
+    log_requests: bool = True
+    debug: bool = False
+    """Log each request's parsed fields too."""
 
 
 class StarlingServer:
@@ -72,6 +95,13 @@ class StarlingServer:
         self.created = int(time.time())
         self._admitted = 0
         self._admit_lock = threading.Lock()
+        self.stopping = False
+
+    def stop(self) -> None:
+        """Take no more requests, cancel the running and queued replies (a saved one keeps its
+        partial text, marked cancelled), and free the model."""
+        self.stopping = True
+        self.service.close()
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -81,7 +111,10 @@ class StarlingServer:
             return
         given = request.headers.get("authorization", "")
         scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip(), key):
+        # Headers arrive as latin-1 text: back to their bytes, compared with the key's UTF-8
+        # (comparing str fails on non-ASCII characters).
+        sent = token.strip().encode("latin-1", errors="replace")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(sent, key.encode()):
             raise APIError(
                 401,
                 "missing or wrong API key (send Authorization: Bearer KEY)",
@@ -120,6 +153,8 @@ class StarlingServer:
         )
 
     def admit(self) -> None:
+        if self.stopping:
+            raise APIError(503, "the server is shutting down", kind="server_error", code="shutdown")
         with self._admit_lock:
             if self._admitted > self.config.max_queue:
                 raise APIError(
@@ -158,13 +193,30 @@ def _error_response(error: APIError) -> JSONResponse:
 
 
 def _as_api_error(exc: Exception) -> APIError:
+    """The client's mistakes are 4xx; everything else (the engine, a remote, the store) 5xx."""
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ContextOverflowError):
         return bad(str(exc), "messages", "context_length_exceeded")
-    if isinstance(exc, StarlingError):
+    if isinstance(exc, UsageError | GrammarError):
         return bad(str(exc))
+    if isinstance(exc, ServiceClosedError | EngineClosedError):
+        return APIError(503, "the server is shutting down", kind="server_error", code="shutdown")
+    if isinstance(exc, RemoteError):
+        return APIError(502, str(exc), kind="server_error", code="remote_engine")
+    if isinstance(exc, StarlingError):
+        return APIError(500, str(exc), kind="server_error")
     return APIError(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+
+def _cap_ids(ids: list[int], what: str) -> None:
+    if len(ids) > MAX_IDS:
+        raise APIError(413, f"{what}: at most {MAX_IDS} token ids", code="too_many_tokens")
+
+
+def _cap_text(text: str, what: str) -> None:
+    if len(text) > MAX_CHARS:
+        raise APIError(413, f"{what}: at most {MAX_CHARS} characters", code="text_too_long")
 
 
 def _check_bias(generation: Generation, vocab_size: int) -> None:
@@ -248,6 +300,9 @@ def make_app(server: StarlingServer) -> Starlette:
             _with_tool_call(req)
         _budget(req.generation, engine.n_ctx)
 
+        client = request.headers.get("x-starling-client") or req.user
+        _log_fields(request, req.generation, tools=len(req.tools), tool_choice=req.tool_choice)
+
         def call(hooks: ReplyHooks, cancel: threading.Event) -> ReplyOutcome:
             return server.service.respond(
                 req.messages,
@@ -256,6 +311,7 @@ def make_app(server: StarlingServer) -> Starlette:
                 cancel=cancel,
                 stop=req.generation.stop,
                 save=server.config.save,
+                client_id=client,
             )
 
         formatter = ChatFormatter(
@@ -274,8 +330,15 @@ def make_app(server: StarlingServer) -> Starlette:
         engine = server.engine()
         server.mode_of(req.generation.model)
         _check_bias(req.generation, engine.vocab_size)
-        tokens = req.prompt_ids or engine.tokenize(req.prompt_text or "", bos=True, special=True)
+        if req.prompt_ids is not None:
+            _cap_ids(req.prompt_ids, "prompt")
+            tokens = req.prompt_ids
+        else:
+            text = req.prompt_text or ""
+            _cap_text(text, "prompt")
+            tokens = await run_in_threadpool(engine.tokenize, text, bos=True, special=True)
         _budget(req.generation, engine.n_ctx)
+        _log_fields(request, req.generation, prompt_tokens=len(tokens), echo=req.echo)
 
         def call(hooks: ReplyHooks, cancel: threading.Event) -> ReplyOutcome:
             return server.service.complete(
@@ -289,7 +352,9 @@ def make_app(server: StarlingServer) -> Starlette:
 
         echo = None
         if req.echo:
-            echo = req.prompt_text if req.prompt_text is not None else engine.detokenize(tokens)
+            echo = req.prompt_text
+            if echo is None:
+                echo = await run_in_threadpool(engine.detokenize, tokens)
         formatter = CompletionFormatter(
             _head(server, req.generation, "cmpl-"),
             engine.token_bytes,
@@ -308,13 +373,17 @@ def make_app(server: StarlingServer) -> Starlette:
         if isinstance(body.get("messages"), list):
             chat_req = parse_chat({**body, "model": body.get("model", "")}, server.config.settings)
             s = chat_req.generation.settings
-            tokens = render_tokens(chat_req.messages, engine.tokenize_text, s.system, s.style)
+            _cap_text("".join(m.content for m in chat_req.messages), "messages")
+            tokens = await run_in_threadpool(
+                render_tokens, chat_req.messages, engine.tokenize_text, s.system, s.style
+            )
         else:
             text = body.get("content", body.get("prompt"))
             if not isinstance(text, str):
                 raise bad("send 'content' (or 'prompt') as a string, or 'messages'", "content")
+            _cap_text(text, "content")
             special = body.get("add_special", body.get("add_special_tokens", False))
-            tokens = engine.tokenize(text, bos=bool(special), special=True)
+            tokens = await run_in_threadpool(engine.tokenize, text, bos=bool(special), special=True)
         return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.n_ctx})
 
     async def detokenize(request: Request) -> Response:
@@ -325,9 +394,10 @@ def make_app(server: StarlingServer) -> Starlette:
             isinstance(t, int) and not isinstance(t, bool) for t in tokens
         ):
             raise bad("'tokens' must be a list of token ids", "tokens")
+        _cap_ids(tokens, "tokens")
         if any(not 0 <= t < engine.vocab_size for t in tokens):
             raise bad("a token id is not in the vocabulary", "tokens")
-        text = engine.detokenize(tokens)
+        text = await run_in_threadpool(engine.detokenize, tokens)
         return JSONResponse({"content": text, "prompt": text})
 
     routes = [Route("/health", endpoint(health, open_=True), methods=["GET"])]
@@ -352,7 +422,44 @@ def make_app(server: StarlingServer) -> Starlette:
         message = f"no such route: {request.method} {request.url.path}"
         return _error_response(APIError(exc.status_code, message, code="not_found"))
 
-    return Starlette(routes=routes, exception_handlers={HTTPException: http_error})
+    config = server.config
+    middleware = []
+    if config.log_requests:
+        middleware.append(Middleware(RequestLog, debug=config.debug))
+    middleware.append(
+        Middleware(BrowserGuard, loopback=config.loopback, origins=config.cors_origins)
+    )
+    if config.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(config.cors_origins),
+                allow_methods=["GET", "POST", "OPTIONS"],
+                allow_headers=["*"],
+                expose_headers=["Retry-After"],
+                max_age=600,
+            )
+        )
+    return Starlette(
+        routes=routes, exception_handlers={HTTPException: http_error}, middleware=middleware
+    )
+
+
+def _log_fields(request: Request, generation: Generation, **extra: Any) -> None:
+    """What `--log-level debug` shows of a request (see `guard.RequestLog`)."""
+    s = generation.settings.sampling
+    request.state.fields = {
+        "model": generation.model,
+        "stream": generation.stream,
+        "max_tokens": generation.max_tokens,
+        "temperature": s.temperature,
+        "top_p": s.top_p,
+        "seed": s.seed,
+        "stop": generation.stop,
+        "grammar": s.grammar.kind if s.grammar else None,
+        "logprobs": s.logprobs,
+        **extra,
+    }
 
 
 def _head(server: StarlingServer, generation: Generation, prefix: str) -> dict[str, Any]:
@@ -367,6 +474,15 @@ def _budget(generation: Generation, n_ctx: int) -> None:
     """Without `max_tokens`, a reply may run to the end of the context window."""
     limit = n_ctx if generation.max_tokens is None else generation.max_tokens
     generation.settings = generation.settings.with_sampling(max_tokens=limit)
+
+
+def _check_finished(outcome: ReplyOutcome) -> None:
+    """A reply that failed or was cancelled (the server is stopping) is an error, never a
+    reply that looks complete."""
+    if outcome.error:
+        raise APIError(500, outcome.error, kind="server_error")
+    if outcome.stats.stop_reason == "cancelled":
+        raise APIError(503, "the reply was cancelled", kind="server_error", code="cancelled")
 
 
 async def _respond(
@@ -389,8 +505,8 @@ async def _respond(
             if isinstance(item, ReplyOutcome):
                 outcome = item
         assert outcome is not None
-        if outcome.error:
-            raise APIError(500, outcome.error, kind="server_error")
+        request.state.usage = usage(outcome)
+        _check_finished(outcome)
         return JSONResponse(formatter.whole(outcome))
 
     async def stream() -> AsyncIterator[str]:
@@ -399,8 +515,8 @@ async def _respond(
                 yield _sse(first)
             async for item in events:
                 if isinstance(item, ReplyOutcome):
-                    if item.error:
-                        raise APIError(500, item.error, kind="server_error")
+                    request.state.usage = usage(item)
+                    _check_finished(item)  # else an error event, and no finish_reason
                     for last in formatter.last(item):
                         yield _sse(last)
                 elif isinstance(item, Piece):

@@ -5,6 +5,7 @@ values, and error objects shaped as OpenAI's (`{"error": {"message", "type", "pa
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -60,14 +61,51 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
     return APIError(400, message, param=param, code=code)
 
 
+#: JSON nested deeper than this is refused (no request needs more than a dozen levels).
+MAX_DEPTH = 64
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def parse_json(raw: bytes) -> dict[str, Any]:
+    """A JSON object body. Lone UTF-16 surrogates (`"\\ud800"` escapes, which no UTF-8 text
+    can hold) become U+FFFD, the one rule for text that cannot be encoded; nesting past
+    `MAX_DEPTH` is refused."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad(f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise bad(f"the body nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
         raise bad("the body must be a JSON object")
-    return data
+    cleaned: dict[str, Any] = _clean(data)
+    return cleaned
+
+
+def _text(value: str) -> str:
+    return _SURROGATE.sub("\ufffd", value) if _SURROGATE.search(value) else value
+
+
+def _clean(data: Any) -> Any:
+    """`data` with every string (keys too) through `_text`, checked for depth, without
+    recursion (a deep document must not exhaust the stack)."""
+    root: list[Any] = [data]
+    stack: list[tuple[Any, Any, int]] = [(root, 0, 0)]
+    while stack:
+        parent, key, depth = stack.pop()
+        value = parent[key]
+        if isinstance(value, str):
+            parent[key] = _text(value)
+        elif isinstance(value, dict | list):
+            if depth >= MAX_DEPTH:
+                raise bad(f"the body nests deeper than {MAX_DEPTH} levels")
+            if isinstance(value, dict):
+                fixed = {_text(k): v for k, v in value.items()}
+                parent[key] = fixed
+                stack.extend((fixed, k, depth + 1) for k in fixed)
+            else:
+                stack.extend((value, i, depth + 1) for i in range(len(value)))
+    return root[0]
 
 
 # --- fields --------------------------------------------------------------------------------------
@@ -229,6 +267,8 @@ class ChatRequest:
     generation: Generation
     messages: list[Message]
     tools: list[Function] = field(default_factory=list)
+    user: str | None = None
+    """OpenAI's `user`: with `--save`, conversations are matched within one client's."""
     tool_choice: str = "auto"
     """"auto", "none", "required", or "function:NAME"."""
 
@@ -424,7 +464,10 @@ def parse_chat(body: dict[str, Any], base: ConversationSettings) -> ChatRequest:
     if grammar is not None:
         settings = settings.with_sampling(grammar=grammar)
     generation.settings = settings
-    return ChatRequest(generation, messages, tools, choice)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise bad("'user' must be a string", "user")
+    return ChatRequest(generation, messages, tools, user or None, choice)
 
 
 @dataclass

@@ -16,7 +16,8 @@ from starling_local.chat.tools import parse_call
 from starling_local.engine.logprobs import TokenLogprob
 from starling_local.server.run import Piece
 
-FINISH = {"end_of_turn": "stop", "stop": "stop", "length": "length", "cancelled": "stop"}
+#: A cancelled reply is never answered as finished (see `app._check_finished`).
+FINISH = {"end_of_turn": "stop", "stop": "stop", "length": "length"}
 #: Says which build answered (OpenAI's `system_fingerprint`).
 FINGERPRINT = "fp_starling_local"
 TokenBytes = Callable[[int], bytes]
@@ -30,6 +31,12 @@ def usage(outcome: ReplyOutcome) -> dict[str, Any]:
         "total_tokens": s.prompt_tokens + s.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens},
     }
+
+
+def _extension(outcome: ReplyOutcome) -> dict[str, Any]:
+    """starling-local's own figures: how many of the oldest messages were left out of the
+    prompt to fit the context window (0: none)."""
+    return {"dropped_messages": outcome.dropped_messages}
 
 
 def _text(data: bytes) -> str:
@@ -86,6 +93,7 @@ class ChatFormatter:
             "system_fingerprint": FINGERPRINT,
             "choices": [choice],
             "usage": usage(outcome),
+            "starling": _extension(outcome),
         }
 
     def _chunk(
@@ -122,7 +130,7 @@ class ChatFormatter:
         if self.tool_call:
             calls = [{"index": 0, **c} for c in self._calls(outcome)]
             out.append(self._chunk({"tool_calls": calls}))
-        out.append(self._chunk({}, self._finish(outcome)))
+        out.append({**self._chunk({}, self._finish(outcome)), "starling": _extension(outcome)})
         if self.include_usage:
             out.append(
                 {

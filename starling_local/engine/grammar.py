@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from starling_local.errors import StarlingError
 
-GrammarKind = Literal["json_object", "json_schema"]
+GrammarKind = Literal["json_object", "json_schema", "gbnf"]
 
 #: Keywords the converter turns into grammar rules.
 CONSTRAINING = frozenset(
@@ -101,6 +101,17 @@ def _strict_strings(gbnf: str) -> str:
     # (`char ::= [^"\\] | ...`), which JSON forbids: a reply with a raw carriage return would
     # not parse. The same rule without them, as llama.cpp's newer converter writes it.
     return gbnf.replace(r'char ::= [^"\\] ', r'char ::= [^"\\\x7F\x00-\x1F] ')
+
+
+def gbnf_grammar(text: str) -> Grammar:
+    """A grammar given as GBNF text (vLLM's `structured_outputs.grammar`, as one starling-local
+    sends another the grammar it made from a schema). llama.cpp parses it when the reply
+    starts: `Engine.check_grammar` says beforehand whether it will."""
+    if not re.search(r"^\s*root\s*::=", text, re.M):
+        raise GrammarError("a GBNF grammar needs a 'root ::= ...' rule")
+    if len(text) > MAX_SCHEMA_BYTES:
+        raise GrammarError(f"the grammar is over {MAX_SCHEMA_BYTES} bytes")
+    return Grammar(text, "gbnf")
 
 
 def _leading_space(gbnf: str) -> str:

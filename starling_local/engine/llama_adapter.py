@@ -336,6 +336,15 @@ def detokenize(llm: Any, tokens: Sequence[int], special: bool = True) -> bytes:
     return out
 
 
+def grammar_parses(llm: Any, grammar: str) -> bool:
+    """Whether llama.cpp's grammar sampler takes `grammar` (GBNF) for this model."""
+    rule = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar.encode("utf-8"), b"root")
+    if not rule:
+        return False
+    llama_cpp.llama_sampler_free(rule)
+    return True
+
+
 def logits_row(llm: Any, index: int) -> Any:
     """A copy of the float32 logits of the `index`-th token of the last `decode` (numpy)."""
     import numpy as np

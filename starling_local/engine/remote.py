@@ -28,7 +28,7 @@ from starling_local.engine.runtime import (
     ReplyDecoder,
     SamplingParams,
 )
-from starling_local.vocab import BOS_ID, END_OF_TURN_ID, EOS_ID, packaged_vocabulary
+from starling_local.vocab import BOS_ID, END_OF_TURN, END_OF_TURN_ID, EOS_ID, packaged_vocabulary
 
 RemoteKind = Literal["openai", "llama-server"]
 END_IDS = frozenset({END_OF_TURN_ID, EOS_ID})
@@ -56,8 +56,10 @@ class RemoteEngine:
         self.url = url.rstrip("/").removesuffix("/v1")
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=TIMEOUT)
+        self._owns_vocab = vocab is None
         self._vocab = vocab or Engine(packaged_vocabulary(), vocab_only=True)
         self._lock = threading.Lock()  # one generation at a time, as with a local engine
+        self._active: threading.Event | None = None
         self._closed = False
         try:
             self.kind: RemoteKind = self._detect() if kind == "auto" else _kind(kind)
@@ -110,23 +112,38 @@ class RemoteEngine:
         return str(found["id"]), n_ctx
 
     def _check_vocabulary(self) -> None:
-        ours = self._vocab.tokenize(PROBE)
-        if self.kind == "llama-server":
-            body: dict[str, Any] = {"content": PROBE, "add_special": False}
-        else:
-            body = {"model": self.model, "prompt": PROBE, "add_special_tokens": False}
+        """The server's vocabulary is Starling's when our ids for a probe text read back as
+        that text there, and `<|end_of_turn|>` is id 32000 there. Compared by ids, since only
+        ids are sent: tokenizers disagree on text (transformers drops SentencePiece's leading
+        space without a `tokenizer.json`), not on what an id stands for."""
+        ids = self._vocab.tokenize(PROBE)
+        model = {} if self.kind == "llama-server" else {"model": self.model}
+        text = self._post("/detokenize", {**model, "tokens": ids})
+        read = text.get("content", text.get("prompt"))
+        eot = self._post(
+            "/tokenize",
+            {**model, "content": END_OF_TURN, "prompt": END_OF_TURN, "add_special": False,
+             "add_special_tokens": False, "parse_special": True},
+        )  # fmt: skip
+        theirs = [t if isinstance(t, int) else t.get("id") for t in eot.get("tokens", [])]
+        if (
+            not isinstance(read, str)
+            or _squash(read) != _squash(PROBE)
+            or theirs != [END_OF_TURN_ID]
+        ):
+            raise RemoteError(
+                f"{self.url} serves a model with another vocabulary than Starling's "
+                f"({self.model}): its text for Starling's token ids differs"
+            )
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         try:
-            r = self._http.post("/tokenize", json=body)
+            r = self._http.post(path, json=body)
         except httpx.HTTPError as exc:
             raise RemoteError(f"cannot reach the remote engine at {self.url}: {exc}") from exc
         if r.status_code != 200:
-            raise RemoteError(f"{self.url}/tokenize answered HTTP {r.status_code}")
-        theirs = [t if isinstance(t, int) else t.get("id") for t in _json(r).get("tokens", [])]
-        if theirs != ours:
-            raise RemoteError(
-                f"{self.url} serves a model with another vocabulary than Starling's "
-                f"({self.model}): its tokens for a probe text differ"
-            )
+            raise RemoteError(f"{self.url}{path} answered HTTP {r.status_code}")
+        return _json(r)
 
     # --- the engine interface -------------------------------------------------------------
 
@@ -238,10 +255,12 @@ class RemoteEngine:
         if params.logit_bias:
             body["logit_bias"] = {str(t): b for t, b in params.logit_bias}
         if grammar is not None:
-            # vLLM's structured-output field (also accepted by `starling serve`).
-            body["structured_outputs"] = (
-                {"json": grammar.schema} if grammar.schema is not None else {"json_object": True}
-            )
+            # vLLM's structured-output field (also accepted by `starling serve`), with the
+            # grammar made here from the schema: the same documents as the local engine. Sent
+            # as `json`, vLLM's grammar allows any amount of whitespace between tokens, and a
+            # model can pad the document until its budget runs out (the reply is validated
+            # against the schema here either way).
+            body["structured_outputs"] = {"grammar": grammar.gbnf}
         if params.logprobs is not None:
             body["logprobs"] = params.logprobs
             body["return_tokens_as_token_ids"] = True
@@ -262,6 +281,9 @@ class RemoteEngine:
         path, body = self._request(tokens, params, stops)
         decoder = ReplyDecoder(self._vocab.token_bytes, strip=reply)
         with self._lock:
+            if self._closed:
+                raise EngineError("the remote engine has been closed")
+            self._active = cancel
             t0 = time.perf_counter()
             stats.stop_reason = "length"
             try:
@@ -309,6 +331,7 @@ class RemoteEngine:
                             )
             except httpx.HTTPError as exc:
                 raise RemoteError(f"the remote engine at {self.url} failed: {exc}") from exc
+            self._active = None
             tail = decoder.flush()
             if tail:
                 yield tail
@@ -338,8 +361,24 @@ class RemoteEngine:
         return ids, str(choice.get("text") or ""), str(choice.get("finish_reason") or "")
 
     def close(self) -> None:
+        """As the local engine's: cancel a running generation, wait for it to end, then free
+        the connection and the vocabulary. Safe to call twice, and from any thread."""
+        if self._closed and self._http.is_closed:
+            return
         self._closed = True
-        self._http.close()
+        active = self._active
+        if active is not None:
+            active.set()
+        if not self._lock.acquire(timeout=2.0):
+            self._http.close()  # a read waiting for the server's next token ends now
+            self._lock.acquire(timeout=10.0)
+        try:
+            self._http.close()
+            if self._owns_vocab:
+                self._vocab.close()
+        finally:
+            if self._lock.locked():
+                self._lock.release()
 
 
 def _kind(value: str) -> RemoteKind:
@@ -373,6 +412,11 @@ def _events(response: httpx.Response) -> Iterator[dict[str, Any]]:
                 message = event["error"].get("message") if isinstance(event["error"], dict) else ""
                 raise RemoteError(f"the remote engine failed: {message or event['error']}")
             yield event
+
+
+def _squash(text: str) -> str:
+    """Text without its whitespace (detokenizers differ in the spaces they put back)."""
+    return "".join(text.split())
 
 
 def _token_id(value: Any) -> int | None:

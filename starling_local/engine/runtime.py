@@ -388,6 +388,12 @@ class Engine:
             data = self._adapter.detokenize(self._open_llm(), tokens, special=True)
         return data.decode("utf-8", errors="replace")
 
+    def check_grammar(self, grammar: Grammar) -> None:
+        """EngineError unless llama.cpp's grammar sampler takes `grammar`."""
+        with self._model:
+            if not self._adapter.grammar_parses(self._open_llm(), grammar.gbnf):
+                raise EngineError("llama.cpp could not parse the grammar")
+
     def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
         """The prompt tokens of `messages` in the file's own chat template (for models that
         are not Starling; Starling's turns are built token-exactly by `chat.template`)."""

@@ -330,6 +330,13 @@ def make_app(server: StarlingServer) -> Starlette:
         engine = server.engine()
         server.mode_of(req.generation.model)
         _check_bias(req.generation, engine.vocab_size)
+        grammar = req.generation.settings.sampling.grammar
+        check = getattr(engine, "check_grammar", None)  # a remote engine checks its own
+        if grammar is not None and grammar.kind == "gbnf" and check is not None:
+            try:
+                check(grammar)
+            except StarlingError as exc:
+                raise bad(str(exc), "structured_outputs", "bad_grammar") from None
         if req.prompt_ids is not None:
             _cap_ids(req.prompt_ids, "prompt")
             tokens = req.prompt_ids

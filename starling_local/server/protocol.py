@@ -15,6 +15,7 @@ from starling_local.chat.tools import Function, ToolCall, calls_text, result_tex
 from starling_local.engine.grammar import (
     Grammar,
     GrammarError,
+    gbnf_grammar,
     json_object_grammar,
     schema_grammar,
 )
@@ -345,6 +346,8 @@ def _structured_outputs(body: dict[str, Any]) -> Grammar | None:
     if not isinstance(spec, dict):
         raise bad("'structured_outputs' must be an object", "structured_outputs")
     try:
+        if isinstance(spec.get("grammar"), str):
+            return gbnf_grammar(spec["grammar"])
         if isinstance(spec.get("json"), dict):
             return schema_grammar(spec["json"])
         if spec.get("json_object") is True:
@@ -352,7 +355,7 @@ def _structured_outputs(body: dict[str, Any]) -> Grammar | None:
     except GrammarError as exc:
         raise bad(str(exc), "structured_outputs", "unsupported_schema") from None
     raise bad(
-        "'structured_outputs' takes 'json' (a schema) or 'json_object' here",
+        "'structured_outputs' takes 'grammar' (GBNF), 'json' (a schema) or 'json_object' here",
         "structured_outputs",
     )
 

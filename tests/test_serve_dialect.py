@@ -21,7 +21,7 @@ from tests.cards import CARD_SINGLE
 from tests.server_helpers import Served, serve
 
 HELLO = [{"role": "user", "content": "Hello"}]
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # recorded requests (from shared/)
 WEATHER = {
     "type": "function",
     "function": {

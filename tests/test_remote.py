@@ -23,7 +23,7 @@ import pytest
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message, render_tokens
 from starling_local.engine.remote import PROBE, RemoteEngine, RemoteError
-from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.runtime import Engine, EngineError, SamplingParams
 from starling_local.gguf.edit import rewrite_metadata
 from starling_local.gguf.header import read_header
 from starling_local.llamacpp.system import extra_buffers_enabled
@@ -438,3 +438,51 @@ def test_llama_server_gets_the_grammar_as_gbnf(llama_server: str, distinct_f16: 
     finally:
         remote.close()
         local.close()
+
+
+def test_eos_ends_the_turn_on_both_paths(served: Served, tiny_q4: Path) -> None:
+    """`</s>` (id 2), forced by a logit bias, is the end of the turn locally and remotely."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, logit_bias=((2, 100.0),))
+    remote = RemoteEngine(served.url)
+    local = Engine(tiny_q4, n_ctx=2048)
+    try:
+        for engine in (local, remote):
+            prompt = render_tokens([Message("user", "Hello")], engine.tokenize_text)
+            stream = engine.generate(prompt, params)
+            stream.consume()
+            assert stream.stats.stop_reason == "end_of_turn" and stream.token_ids == []
+    finally:
+        remote.close()
+        local.close()
+
+
+def test_closing_a_remote_engine_cancels_its_generation(served: Served) -> None:
+    import threading
+
+    remote = RemoteEngine(served.url)
+    prompt = render_tokens([Message("user", "Hello")], remote.tokenize_text)
+    stream = remote.generate(
+        prompt, SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+    )
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            for _ in stream:
+                started.set()
+        except BaseException as exc:  # a closed connection may end the read with an error
+            errors.append(exc)
+
+    worker = threading.Thread(target=consume)
+    worker.start()
+    assert started.wait(30)
+    begin = time.monotonic()
+    remote.close()
+    worker.join(15)
+    assert not worker.is_alive() and time.monotonic() - begin < 5
+    assert stream.stats.completion_tokens < 2000
+    assert all(isinstance(e, RemoteError) for e in errors)
+    assert remote.closed
+    with pytest.raises(EngineError, match="closed"):
+        remote.generate(prompt, GREEDY)

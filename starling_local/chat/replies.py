@@ -54,6 +54,8 @@ class ReplyOutcome:
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
     continued: bool = False
     """The reply continues the conversation's last message (`text` is what was added)."""
+    warnings: list[str] = field(default_factory=list)
+    """What went wrong without failing the reply (its KV state could not be saved...)."""
 
     @property
     def cached_tokens(self) -> int:

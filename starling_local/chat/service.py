@@ -179,8 +179,12 @@ class ConversationService:
         if not text.strip():
             raise UsageError("the message is empty")
         if conversation_id is None:
-            conv = self.create(settings or ConversationSettings())
-        elif settings is not None:
+            # One transaction: a conversation never exists without its first message.
+            fresh = self._new_conversation(
+                [Message("user", text)], settings or ConversationSettings()
+            )
+            return self.store.insert(fresh)
+        if settings is not None:
             conv = self.save_settings(conversation_id, settings)
         else:
             conv = self.store.get(conversation_id)
@@ -594,8 +598,16 @@ class ConversationService:
         )
         if conversation_id is not None and self._kv is not None:
             # Before the reply is reported done: the next reply (maybe of another conversation)
-            # must not take the engine first and leave this file holding its cache.
-            self._kv.save(conversation_id)
+            # must not take the engine first and leave this file holding its cache. A failed
+            # save (a full disk) costs the next reply time, never this reply.
+            try:
+                self._kv.save(conversation_id)
+            except (OSError, StarlingError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                outcome.warnings.append(
+                    f"the KV cache was not saved ({reason}); the reply is, and the next one "
+                    "evaluates the history again"
+                )
         return outcome
 
 

@@ -31,7 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `starling` console script."""
+    from starling_local.cli.common import check_utf8_arguments
+
     parser = build_parser()
+    try:
+        check_utf8_arguments(list(sys.argv[1:] if argv is None else argv))
+    except StarlingError as exc:
+        print(f"starling: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
         args.handler = chat.run  # `starling` alone opens the app

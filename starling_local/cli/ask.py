@@ -251,7 +251,10 @@ def run_ask(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
     hooks = ReplyHooks(on_start=started, on_text=show)
-    previous = signal.signal(signal.SIGINT, lambda *_: service.stop())
+    # Ctrl-C, `kill` and a closed terminal all stop the reply the same way: it is saved with
+    # its stop reason and KV state before the command ends.
+    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, lambda *_: service.stop()) for sig in stopping}
     try:
         if store is None:
             once = settings.with_sampling(**per_request) if per_request else settings
@@ -260,8 +263,11 @@ def run_ask(args: argparse.Namespace) -> int:
             conv = service.send(conversation.id if conversation else None, text, settings)
             outcome = service.reply(conv.id, hooks=hooks, overrides=per_request)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         service.close()
+    for warning in outcome.warnings:
+        print(f"starling: warning: {warning}", file=sys.stderr)
     if outcome.error:
         raise StarlingError(f"the reply stopped: {outcome.error}")
     stats = outcome.stats
@@ -276,6 +282,7 @@ def run_ask(args: argparse.Namespace) -> int:
             "dropped_messages": outcome.dropped_messages,
             "model": name,
             "conversation_id": outcome.conversation_id,
+            "warnings": outcome.warnings,
         }
         print(json.dumps(out, ensure_ascii=False))
     elif structured:

@@ -117,4 +117,20 @@ def read_stdin_text(what: str) -> str:
 
     if sys.stdin is None or sys.stdin.isatty():
         raise UsageError(f"no {what} given (pass it as an argument or on standard input)")
-    return sys.stdin.read()
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        byte = data[exc.start : exc.start + 1]
+        raise UsageError(f"standard input is not UTF-8 text (byte {exc.start}: {byte!r})") from None
+
+
+def check_utf8_arguments(argv: list[str]) -> None:
+    """Refuse, in one line, command-line text that is not UTF-8 (Python hands such bytes over
+    as lone surrogates, which no UTF-8 text can hold)."""
+    for i, arg in enumerate(argv, 1):
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = arg.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            raise UsageError(f"argument {i} ({shown!r}) is not UTF-8 text") from None

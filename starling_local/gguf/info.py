@@ -149,6 +149,9 @@ def check_magic(path: Path) -> None:
         raise GGUFError(f"{path}: no such file")
     if path.is_dir():
         raise GGUFError(f"{path}: is a directory, not a GGUF file")
+    if not path.is_file():  # opening a FIFO would wait for a writer forever
+        kind = "a FIFO" if path.is_fifo() else "a device or socket"
+        raise GGUFError(f"{path}: is {kind}, not a GGUF file")
     try:
         with path.open("rb") as fh:
             head = fh.read(4)

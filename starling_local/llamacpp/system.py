@@ -83,7 +83,9 @@ def route_llama_log(path: Path) -> None:
                 fh.write(text.decode("utf-8", "replace"))
                 if level in (2, 3):  # warnings and errors reach the file at once
                     fh.flush()
-            except ValueError:  # closed: a model freed as the interpreter exits logs late
+            except (ValueError, OSError):
+                # ValueError: closed (a model freed as the interpreter exits logs late);
+                # OSError: the disk is full. The log is worth less than the reply.
                 pass
 
         llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))

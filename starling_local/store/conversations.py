@@ -33,6 +33,47 @@ class NotFoundError(UsageError):
     """No conversation with that id."""
 
 
+#: SQLite's primary result codes (the `sqlite3` module names them only from Python 3.11).
+_BUSY, _LOCKED, _IOERR, _CORRUPT, _FULL, _NOTADB = 5, 6, 10, 11, 13, 26
+
+
+def store_error(exc: sqlite3.Error, path: Path) -> StoreError:
+    """A database error as one line that says what happened and what to do."""
+    import shutil
+
+    text = str(exc)
+    extended = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+
+    code = extended & 0xFF if isinstance(extended, int) else None
+    try:
+        free: int | None = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    # A full disk shows as SQLITE_FULL, or (writing the WAL's index) as an I/O error.
+    if (
+        code == _FULL
+        or "disk is full" in text
+        or (code == _IOERR and free is not None and free < 1 << 20)
+    ):
+        room = f"{free // 1024} KB free in {path.parent}" if free is not None else str(path.parent)
+        return StoreError(f"the disk is full ({room}): the last change was not saved")
+    if code in (_BUSY, _LOCKED) or "locked" in text:
+        return StoreError(
+            f"another starling process holds the database {path} (it waited 30 s); try again"
+        )
+    if isinstance(exc, sqlite3.DatabaseError) and (
+        code in (_CORRUPT, _NOTADB) or "malformed" in text or "not a database" in text
+    ):
+        return DamagedStoreError(
+            f"{path}: the conversation database is damaged ({text}); "
+            "`starling history restore` brings back the newest backup"
+        )
+    return StoreError(f"{path}: the conversation database failed ({text})")
+
+
+class DamagedStoreError(StoreError):
+    """The database file is damaged (a backup can be restored)."""
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds")
 
@@ -67,8 +108,8 @@ class ConversationStore:
             self._db = self._connect()
             migrate(self._db)
             self._reader = self._connect()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path}: cannot open the conversation database ({exc})") from exc
+        except sqlite3.Error as exc:
+            raise store_error(exc, self.path) from exc
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)
@@ -86,24 +127,36 @@ class ConversationStore:
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; a database error is a `StoreError` naming its cause."""
         with self._write_lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    # After a failed COMMIT (a full disk) SQLite has already rolled back: a
+                    # second ROLLBACK would raise and hide the real error.
+                    if self._db.in_transaction:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as exc:
+                raise store_error(exc, self.path) from exc
 
     @contextlib.contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
         """One consistent snapshot for the reads in the block."""
         with self._read_lock:
-            self._reader.execute("BEGIN")
             try:
-                yield self._reader
-            finally:
-                self._reader.execute("COMMIT")
+                self._reader.execute("BEGIN")
+                try:
+                    yield self._reader
+                finally:
+                    if self._reader.in_transaction:
+                        self._reader.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise store_error(exc, self.path) from exc
 
     # --- rows -> objects, in one place -------------------------------------------------------
 

@@ -3,6 +3,7 @@ store and the engine) and closes it when it exits; the chat screen does the rest
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -74,6 +75,17 @@ class StarlingApp(App[None]):
         self.service = ConversationService(store or ConversationStore(), owns_store=store is None)
 
     def on_mount(self) -> None:
+        # SIGTERM (a service manager, `kill`) and SIGHUP (the terminal closed) quit as Ctrl+Q
+        # does: the streaming reply is stopped and saved with its KV state, then llama.cpp is
+        # freed (`on_unmount`). Without this the process died at once, losing up to a second
+        # of shown text.
+        import asyncio
+        import signal
+
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, self.exit)
         saved = load_config().get("theme")
         if isinstance(saved, str) and saved in self.available_themes:
             self.theme = saved

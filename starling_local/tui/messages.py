@@ -48,10 +48,15 @@ class ReplyChunk(Message):
 class ReplyDone(Message):
     """The reply is recorded and its KV state saved (or it failed before it began)."""
 
-    def __init__(self, outcome: ReplyOutcome | None, error: str | None = None) -> None:
+    def __init__(
+        self, outcome: ReplyOutcome | None, error: str | None = None, unsent: str | None = None
+    ) -> None:
         super().__init__()
         self.outcome = outcome
         self.error = error
+        self.unsent = unsent
+        """The message that could not be committed (a full disk, a conversation deleted
+        elsewhere): it goes back into the message box, never lost."""
         self.generated_at = time.perf_counter()  # posted by the worker after the last token
 
 

@@ -206,7 +206,7 @@ class ChatScreen(ReplyStreaming):
         self.query_one(PromptInput).clear()
         await self.chat.add("user", text)
         cid, settings = self.cid, self.settings
-        self.start_reply(lambda: self.service.send(cid, text, settings))
+        self.start_reply(lambda: self.service.send(cid, text, settings), draft=text)
 
 
 def branches_under_parents(conversations: list[Conversation]) -> list[Conversation]:

@@ -69,6 +69,9 @@ class ConversationCommands(Screen[None]):
         except StarlingError as exc:
             self.post_message(ServiceFailed(str(exc)))
             return
+        except Exception as exc:  # an OSError on export, a raw sqlite3 error: one line, no exit
+            self.post_message(ServiceFailed(f"{type(exc).__name__}: {exc}"))
+            return
         self.post_message(ServiceDone(then, result))
 
     async def on_service_done(self, message: ServiceDone) -> None:

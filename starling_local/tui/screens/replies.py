@@ -11,6 +11,7 @@ from textual import work
 from textual.widgets import Markdown
 
 from starling_local.chat.service import ReplyHooks
+from starling_local.errors import StarlingError
 from starling_local.store.models import Conversation
 from starling_local.tui.messages import ReplyChunk, ReplyDone, ReplyStarted
 from starling_local.tui.screens.commands import ConversationCommands
@@ -49,14 +50,21 @@ class ReplyStreaming(ConversationCommands):
             self.notify(self.model_error or "The model is still loading.", severity="warning")
         return not self.generating and self.model_ready
 
-    def start_reply(self, prepare: Callable[[], Conversation], reshow: bool = False) -> None:
+    def start_reply(
+        self,
+        prepare: Callable[[], Conversation],
+        reshow: bool = False,
+        draft: str | None = None,
+    ) -> None:
+        """Commit what `prepare` does, then stream the reply. `draft` is the typed message
+        `prepare` commits: should that fail, it returns to the message box."""
         self.generating = True
         self.reshow = reshow
         self.status.set(state="replying… (Esc stops)", speed="")
         engine = self.service.engine
         self.pacer = RenderPacer(render_budget(engine.cpu_threads if engine else 0))
         self.prompt_input.cursor_blink = False  # a blink is a redraw too
-        self.run_reply(prepare, self.pacer)
+        self.run_reply(prepare, self.pacer, draft)
 
     async def on_reply_started(self, message: ReplyStarted) -> None:
         start = message.start
@@ -115,6 +123,9 @@ class ReplyStreaming(ConversationCommands):
             self.md_stream = None
         self.chat.unfold()
         outcome, view = message.outcome, self.reply_view
+        if message.unsent is not None:
+            await self._restore_unsent(message.unsent, message.error or "")
+            return
         if outcome is None:
             await self.chat.add("notice", f"**The reply failed:** {message.error}")
         elif view is not None:
@@ -125,6 +136,8 @@ class ReplyStreaming(ConversationCommands):
             view.set_note(", ".join(filter(None, [NOTES.get(reason, ""), dropped])))
             if outcome.error:
                 self.notify(outcome.error, severity="error")
+            for warning in outcome.warnings:
+                self.notify(warning, severity="warning")
         self.generating = False
         self.prompt_input.cursor_blink = True
         self.reply_view = None
@@ -138,7 +151,12 @@ class ReplyStreaming(ConversationCommands):
         self.status.set(state="", speed=speed)
         self.render_lag_s = time.perf_counter() - message.generated_at
         if self.cid is not None:
-            self.conversation = self.service.get(self.cid)
+            try:
+                self.conversation = self.service.get(self.cid)
+            except StarlingError as exc:  # deleted by another process meanwhile
+                self.notify(str(exc), severity="warning")
+                await self.open_conversation(None)
+                return
             views = [v for v in self.chat.query(MessageView) if v.role != "notice"]
             if len(views) == len(self.conversation.messages):  # the new ones learn their ids
                 for view, stored in zip(views, self.conversation.messages, strict=True):
@@ -146,13 +164,45 @@ class ReplyStreaming(ConversationCommands):
         self.update_context()
         await self.refresh_sidebar()
 
+    async def _restore_unsent(self, text: str, error: str) -> None:
+        """The message was not saved: back into the box, with the reason."""
+        self.generating = False
+        self.prompt_input.cursor_blink = True
+        self.status.set(state="")
+        views = [v for v in self.chat.query(MessageView) if v.role == "user"]
+        if views and views[-1].message_id is None:
+            await views[-1].remove()
+        self.prompt_input.text = text
+        self.prompt_input.focus()
+        gone = self.cid is not None and not self._exists(self.cid)
+        if gone:
+            # Deleted by another process: the next send starts a new conversation.
+            await self.open_conversation(None)
+            await self.refresh_sidebar()
+            error = "this conversation was deleted elsewhere; send again to start a new one"
+        self.notify(f"Your message was not saved ({error}); it is back in the box.",
+                    severity="error", timeout=10)  # fmt: skip
+
+    def _exists(self, conversation_id: int) -> bool:
+        try:
+            self.service.get(conversation_id)
+        except StarlingError:
+            return False
+        return True
+
     @work(thread=True, exclusive=True, group="reply")
-    def run_reply(self, prepare: Callable[[], Conversation], pacer: RenderPacer) -> None:
+    def run_reply(
+        self, prepare: Callable[[], Conversation], pacer: RenderPacer, draft: str | None = None
+    ) -> None:
         """Commit what `prepare` does (the user message, a truncation), then the reply."""
         batcher = ChunkBatcher(self.post_message, pacer)
         hooks = ReplyHooks(lambda start: self.post_message(ReplyStarted(start)), batcher.feed)
         try:
             conv = prepare()
+        except Exception as exc:  # nothing was committed: the typed text goes back
+            self.post_message(ReplyDone(None, str(exc) or type(exc).__name__, unsent=draft))
+            return
+        try:
             outcome = self.service.reply(conv.id, hooks=hooks, overrides=self.reply_overrides)
         except Exception as exc:  # shown in the conversation, never a crash of the app
             batcher.flush()

@@ -626,3 +626,25 @@ async def test_continue_extends_a_cut_reply_in_place(
     finally:
         engine.close()
     assert tuple(whole.token_ids) == grown.tokens
+
+
+async def test_a_conversation_deleted_elsewhere_keeps_the_typed_message(
+    eager_gguf: Path, store: ConversationStore
+) -> None:
+    app = StarlingApp(model=str(eager_gguf), store=store, n_ctx=1024)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        await send(pilot, app, "First question")
+        cid = store.conversations()[0].id
+        other = ConversationStore(store.path)  # another process's view of the same file
+        other.delete(cid)
+        other.close()
+        box = s.query_one("#input", TextArea)
+        box.text = "My carefully typed follow-up"
+        await pilot.press("enter")
+        await until(pilot, lambda: box.text == "My carefully typed follow-up" and not s.generating)
+        assert app.is_running and s.conversation is None  # the next send starts a new one
+        await pilot.press("enter")
+        await until(pilot, lambda: bool(store.conversations()) and not s.generating)
+        (conv,) = [store.get(c.id) for c in store.conversations()]
+        assert conv.messages[0].content == "My carefully typed follow-up"

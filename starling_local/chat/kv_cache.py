@@ -57,6 +57,14 @@ class ConversationCache:
         path = self.path_for(conversation_id)
         if live >= len(prompt) - 1 or not path.exists():
             return live
+        # The file's header says what it holds: read its payload only if it covers more.
+        saved = self.engine.state_tokens(path)
+        covered = next(
+            (i for i, (a, b) in enumerate(zip(saved, prompt, strict=False)) if a != b),
+            min(len(saved), len(prompt)),
+        )
+        if covered <= live:
+            return live
         if self.engine.load_state(path) == 0:
             return 0
         with contextlib.suppress(OSError):

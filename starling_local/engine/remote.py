@@ -182,6 +182,9 @@ class RemoteEngine:
     def load_state(self, path: Path) -> int:
         return 0
 
+    def state_tokens(self, path: Path) -> list[int]:
+        return []
+
     def generate(
         self,
         tokens: Sequence[int],

@@ -789,6 +789,19 @@ class Engine:
                 size=size,
             )
 
+    def state_tokens(self, path: Path) -> list[int]:
+        """The tokens the state file at `path` holds, read without its payload ([] if it is
+        missing; a file this engine cannot load is deleted, as `load_state` deletes it)."""
+        from starling_local.engine.state_file import StateFileError, read_state_tokens
+
+        try:
+            return read_state_tokens(path, model=self.model_key, version=self._adapter.version())
+        except StateFileError:
+            path.unlink(missing_ok=True)
+            return []
+        except OSError:
+            return []
+
     def load_state(self, path: Path) -> int:
         """Replace the KV cache with the one saved in `path`; return how many tokens it holds.
 
@@ -799,8 +812,7 @@ class Engine:
 
         with self._context:
             llm = self._open_llm()
-            self._adapter.clear_cache(llm)
-            try:
+            try:  # read and checked before the live cache is touched
                 tokens, payload = read_state_file(
                     path, model=self.model_key, version=self._adapter.version()
                 )
@@ -809,7 +821,11 @@ class Engine:
             except (StateFileError, OSError):
                 path.unlink(missing_ok=True)
                 return 0
-            if len(tokens) >= self.n_ctx or not self._adapter.restore_state(llm, tokens, payload):
+            if len(tokens) >= self.n_ctx:
+                path.unlink(missing_ok=True)
+                return 0
+            self._adapter.clear_cache(llm)
+            if not self._adapter.restore_state(llm, tokens, payload):
                 path.unlink(missing_ok=True)
                 return 0
             return len(tokens)

@@ -67,28 +67,46 @@ def write_state_file(
     return len(MAGIC) + _LENGTH.size + len(header) + len(token_bytes) + size
 
 
+def _header(fh: Any, model: str, version: str) -> StateHeader:
+    head = fh.read(len(MAGIC) + _LENGTH.size)
+    if len(head) < len(MAGIC) + _LENGTH.size or not head.startswith(MAGIC):
+        raise StateFileError("not a starling-local state file")
+    (length,) = _LENGTH.unpack(head[len(MAGIC) :])
+    if length > MAX_HEADER:
+        raise StateFileError("damaged header")
+    try:
+        header = StateHeader(**json.loads(fh.read(length)))
+    except (ValueError, TypeError) as exc:
+        raise StateFileError(f"damaged header ({exc})") from exc
+    if header.format != FORMAT:
+        raise StateFileError(f"state format {header.format}, this version reads {FORMAT}")
+    if header.llama_cpp_python != version:
+        raise StateFileError(
+            f"made by llama-cpp-python {header.llama_cpp_python}, this is {version}"
+        )
+    if header.model != model:
+        raise StateFileError("made with another model file")
+    return header
+
+
+def read_state_tokens(path: Path, *, model: str, version: str) -> list[int]:
+    """The tokens a state file holds, read without its payload (a few KB of a file of tens
+    of MB): enough to know whether loading it would help. `StateFileError` for a file that is
+    not one this engine made, or whose length is not what its header says."""
+    with path.open("rb") as fh:
+        header = _header(fh, model, version)
+        token_bytes = fh.read(4 * header.token_count)
+        expected = fh.tell() + header.payload_bytes
+    if len(token_bytes) != 4 * header.token_count or path.stat().st_size != expected:
+        raise StateFileError("truncated or padded")
+    return array("i", token_bytes).tolist()
+
+
 def read_state_file(path: Path, *, model: str, version: str) -> tuple[list[int], bytearray]:
     """The tokens and llama.cpp payload of a state file made for `model` by llama-cpp-python
     `version`, whole and unchanged; `StateFileError` otherwise."""
     with path.open("rb") as fh:
-        head = fh.read(len(MAGIC) + _LENGTH.size)
-        if len(head) < len(MAGIC) + _LENGTH.size or not head.startswith(MAGIC):
-            raise StateFileError("not a starling-local state file")
-        (length,) = _LENGTH.unpack(head[len(MAGIC) :])
-        if length > MAX_HEADER:
-            raise StateFileError("damaged header")
-        try:
-            header = StateHeader(**json.loads(fh.read(length)))
-        except (ValueError, TypeError) as exc:
-            raise StateFileError(f"damaged header ({exc})") from exc
-        if header.format != FORMAT:
-            raise StateFileError(f"state format {header.format}, this version reads {FORMAT}")
-        if header.llama_cpp_python != version:
-            raise StateFileError(
-                f"made by llama-cpp-python {header.llama_cpp_python}, this is {version}"
-            )
-        if header.model != model:
-            raise StateFileError("made with another model file")
+        header = _header(fh, model, version)
         token_bytes = fh.read(4 * header.token_count)
         payload = bytearray(header.payload_bytes)
         got = fh.readinto(payload)

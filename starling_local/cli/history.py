@@ -40,6 +40,12 @@ def register(sub: Any) -> None:
     fork.add_argument("id", type=int)
     fork.add_argument("--at", type=int, metavar="N", help="1-based message number (default: all)")
     fork.add_argument("--json", action="store_true")
+    hs.add_parser("backup", help="back the history up now (one is made each day anyway)")
+    hs.add_parser("backups", help="the backups, newest first")
+    res = hs.add_parser(
+        "restore", help="put a backup in place of the history (the current file is kept aside)"
+    )
+    res.add_argument("file", type=Path, nargs="?", help="a backup (default: the newest)")
     h.set_defaults(handler=run, history_parser=h)
 
 
@@ -50,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
     action = args.history_command or "list"
     if action == "list" and not hasattr(args, "limit"):
         args.json, args.limit = False, None
+    if action in ("backups", "restore"):  # these work on a damaged database too
+        return _backups(action, args)
     service = ConversationService(ConversationStore())
     try:
         return _run(service, action, args)
@@ -126,4 +134,29 @@ def _run(service: Any, action: str, args: argparse.Namespace) -> int:
         branch = service.fork(args.id, args.at)
         print(json.dumps({"conversation_id": branch.id}) if args.json else branch.id)
         return 0
+    if action == "backup":
+        from starling_local.store.backups import make_backup
+
+        print(make_backup(service.store.path))
+        return 0
     raise UsageError(f"unknown history action {action!r}")
+
+
+def _backups(action: str, args: argparse.Namespace) -> int:
+    from starling_local.files import human_bytes
+    from starling_local.paths import get_paths
+    from starling_local.store.backups import backups, restore
+
+    database = get_paths().database
+    if action == "backups":
+        found = backups(database)
+        if not found:
+            print(f"no backups yet (they go to {database.parent / 'backups'})")
+        for b in found:
+            print(f"{b.made:%Y-%m-%d %H:%M:%S}  {human_bytes(b.size):>10}  {b.path}")
+        return 0
+    used, aside = restore(database, args.file)
+    print(f"restored {used}")
+    if aside is not None:
+        print(f"the previous file is kept as {aside}", file=sys.stderr)
+    return 0

@@ -18,6 +18,7 @@ from typing import Any
 
 from starling_local.errors import StarlingError, UsageError
 from starling_local.paths import ensure, get_paths
+from starling_local.store.backups import daily_backup
 from starling_local.store.migrations import migrate
 from starling_local.store.models import Conversation, StoredMessage
 
@@ -104,12 +105,19 @@ class ConversationStore:
         # UI thread, therefore never waits behind a writer.
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
+        if self.path.exists() and self.path.stat().st_size == 0:
+            # starling-local never leaves an empty file: something truncated it.
+            raise DamagedStoreError(
+                f"{self.path}: the conversation database is empty (0 bytes): "
+                "`starling history restore` brings back the newest backup"
+            )
         try:
             self._db = self._connect()
             migrate(self._db)
             self._reader = self._connect()
         except sqlite3.Error as exc:
             raise store_error(exc, self.path) from exc
+        daily_backup(self.path, self._db)
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, isolation_level=None, timeout=30, check_same_thread=False)

@@ -5,6 +5,7 @@ that must not be read when the live cache already holds the prefix."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -171,3 +172,71 @@ def test_a_live_prefix_reads_no_state_file_and_a_bad_file_keeps_the_live_cache(
     again = service.reply(conv.id)
     assert again.stats.prompt_evaluated < 30
     service.close()
+
+
+def _chatgpt(**node: object) -> list[dict[str, object]]:
+    message = {"author": {"role": "user"}, "content": {"content_type": "text", "parts": ["hi"]},
+               "create_time": 1700000000}  # fmt: skip
+    mapping = {"a": {"id": "a", "message": message, "parent": None, **node}}
+    return [{"title": "t", "mapping": mapping, "current_node": "a"}]
+
+
+@pytest.mark.parametrize(
+    ("document", "needle"),
+    [
+        ('{"messages": ' + "[" * 5000 + "]" * 5000 + "}", "nests"),
+        (json.dumps(_chatgpt(parent=["x"])), "broken message tree"),
+        (
+            json.dumps(
+                [{"role": "user", "content": "x", "extra": {"deep": [[[[[[]]]]]]}}] * 2
+            ).replace('"x"', '"' + "x" * 10 + '"'),
+            None,
+        ),
+        (
+            json.dumps(
+                {"messages": [{"role": "user", "content": "hi"}], "params": {"temperature": "hot"}}
+            ),
+            "temperature",
+        ),
+        (
+            json.dumps(
+                {"messages": [{"role": "user", "content": "hi"}], "params": {"max_tokens": -5}}
+            ),
+            "max_tokens",
+        ),
+        (json.dumps({"messages": [{"role": "robot", "content": "hi"}]}), "role"),
+        ("[1, 2, 3]", "not a conversation file"),
+    ],
+)
+def test_malformed_imports_are_one_line_and_import_nothing(
+    tmp_path: Path, document: str, needle: str | None
+) -> None:
+    path = tmp_path / "import.json"
+    path.write_text(document)
+    r = starling("history", "import", path, home=tmp_path)
+    if needle is None:  # a valid document: imported
+        assert r.returncode == 0, r.stderr
+        return
+    assert_one_line_error(r, 2, needle)
+    assert "no saved conversations" in starling("history", "list", home=tmp_path).stdout
+
+
+def test_odd_but_readable_imports_are_taken_as_one_rule_says(tmp_path: Path) -> None:
+    """`author` as a string (that message has no role: skipped), impossible times (left
+    empty) and lone surrogates (made U+FFFD): the rest imports, no traceback."""
+    doc = _chatgpt()
+    mapping = doc[0]["mapping"]
+    assert isinstance(mapping, dict)
+    mapping["b"] = {"id": "b", "parent": "a", "message": {
+        "author": "user", "content": {"content_type": "text", "parts": ["lost?"]}}}  # fmt: skip
+    mapping["c"] = {"id": "c", "parent": "b", "message": {
+        "author": {"role": "assistant"}, "create_time": float("nan"),
+        "content": {"content_type": "text", "parts": ["bad \\ud800 text"]}}}  # fmt: skip
+    doc[0]["current_node"] = "c"
+    doc[0]["create_time"] = 1e20
+    path = tmp_path / "odd.json"
+    path.write_text(json.dumps(doc).replace("\\\\ud800", "\\ud800"))
+    r = starling("history", "import", path, home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    shown = starling("history", "show", "1", home=tmp_path)
+    assert "bad \ufffd text" in shown.stdout and "hi" in shown.stdout

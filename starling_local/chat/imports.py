@@ -7,33 +7,90 @@ refused with one line, and nothing of it is imported.
 
 from __future__ import annotations
 
+import math
+import re
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
+from starling_local.chat.settings import check_params
 from starling_local.chat.transcripts import from_json
 from starling_local.errors import UsageError
 from starling_local.store.models import Conversation, StoredMessage
 
 FORMATS = "a starling-local export, a ChatGPT conversations.json, or a list of messages"
+#: Bounds on what one import may hold.
+MAX_DEPTH = 64
+MAX_CONVERSATIONS = 100_000
+MAX_MESSAGES = 100_000
+MAX_MESSAGE_CHARS = 4 << 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def parse_import(data: Any) -> list[Conversation]:
-    """The conversations in an imported JSON document (at least one), ready to insert."""
+    """The conversations in an imported JSON document (at least one), ready to insert:
+    structure, types, sizes and settings checked, lone surrogates made U+FFFD."""
+    data = _clean(data)
     if isinstance(data, dict) and "mapping" in data:
-        return [from_chatgpt(data, 0)]
-    if isinstance(data, dict) and "messages" in data:
-        return [from_json(data)]
-    if isinstance(data, list) and data and all(isinstance(d, dict) for d in data):
+        found = [from_chatgpt(data, 0)]
+    elif isinstance(data, dict) and "messages" in data:
+        found = [from_json(data)]
+    elif isinstance(data, list) and data and all(isinstance(d, dict) for d in data):
         if all("mapping" in d for d in data):
-            return [from_chatgpt(d, i) for i, d in enumerate(data)]
-        if all("role" in d for d in data):
-            return [from_messages(data)]
-    raise UsageError(f"not a conversation file this version can import ({FORMATS})")
+            found = [from_chatgpt(d, i) for i, d in enumerate(data)]
+        elif all("role" in d for d in data):
+            found = [from_messages(data)]
+        else:
+            found = []
+    else:
+        found = []
+    if not found:
+        raise UsageError(f"not a conversation file this version can import ({FORMATS})")
+    if len(found) > MAX_CONVERSATIONS:
+        raise UsageError(f"more than {MAX_CONVERSATIONS} conversations in one file")
+    return [_checked(c, i) for i, c in enumerate(found)]
+
+
+def _checked(conv: Conversation, index: int) -> Conversation:
+    where = f"conversation {index}" if index else "the conversation"
+    if len(conv.messages) > MAX_MESSAGES:
+        raise UsageError(f"{where}: more than {MAX_MESSAGES} messages")
+    for i, m in enumerate(conv.messages):
+        if len(m.content) > MAX_MESSAGE_CHARS:
+            raise UsageError(f"{where}, message {i}: longer than {MAX_MESSAGE_CHARS} characters")
+    return replace(conv, params=check_params(conv.params, where))
+
+
+def _clean(data: Any) -> Any:
+    """`data` with lone surrogates (no UTF-8 text holds them) as U+FFFD, checked for depth,
+    without recursion."""
+    root = [data]
+    stack: list[tuple[Any, Any, int]] = [(root, 0, 0)]
+    while stack:
+        parent, key, depth = stack.pop()
+        value = parent[key]
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                parent[key] = _SURROGATE.sub("\ufffd", value)
+        elif isinstance(value, dict | list):
+            if depth >= MAX_DEPTH:
+                raise UsageError(f"the file nests deeper than {MAX_DEPTH} levels")
+            if isinstance(value, dict):
+                fixed = {_SURROGATE.sub("\ufffd", k): v for k, v in value.items()}
+                parent[key] = fixed
+                stack.extend((fixed, k, depth + 1) for k in fixed)
+            else:
+                stack.extend((value, i, depth + 1) for i in range(len(value)))
+    return root[0]
 
 
 def _stamp(value: Any) -> str:
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="microseconds")
+    """A Unix time as text ("" for anything that is not a plausible one: NaN, 1e20...)."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+        try:
+            return datetime.fromtimestamp(value, timezone.utc).isoformat(timespec="microseconds")
+        except (OverflowError, OSError, ValueError):
+            return ""
     return ""
 
 
@@ -59,7 +116,12 @@ def from_chatgpt(data: dict[str, Any], index: int) -> Conversation:
     seen = set()
     node_id: Any = current
     while node_id is not None:
-        if node_id in seen or node_id not in mapping or not isinstance(mapping[node_id], dict):
+        if (
+            not isinstance(node_id, str)
+            or node_id in seen
+            or node_id not in mapping
+            or not isinstance(mapping[node_id], dict)
+        ):
             raise UsageError(f"{where}: broken message tree at {node_id!r}")
         seen.add(node_id)
         chain.append(mapping[node_id])
@@ -70,9 +132,11 @@ def from_chatgpt(data: dict[str, Any], index: int) -> Conversation:
         message = node.get("message")
         if not isinstance(message, dict):
             continue
-        role = (message.get("author") or {}).get("role")
+        author = message.get("author")
+        role = author.get("role") if isinstance(author, dict) else None
         text = _text(message.get("content"))
-        hidden = (message.get("metadata") or {}).get("is_visually_hidden_from_conversation")
+        metadata = message.get("metadata")
+        hidden = isinstance(metadata, dict) and metadata.get("is_visually_hidden_from_conversation")
         if text is None or not text.strip() or hidden:
             continue
         if role == "system":

@@ -256,7 +256,12 @@ class ConversationService:
             raise UsageError(f"{path}: no such file") from None
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise UsageError(f"{path}: not a JSON export ({exc})") from exc
-        return self.import_data(data)
+        except RecursionError:
+            raise UsageError(f"{path}: the JSON nests too deep to be an export") from None
+        try:
+            return self.import_data(data)
+        except UsageError as exc:
+            raise UsageError(f"{path}: {exc}") from None
 
     def file_block(self, path: Path) -> tuple[str, int]:
         """A text file as the code block a message would hold, and its size in tokens (refused

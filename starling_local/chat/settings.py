@@ -69,3 +69,42 @@ def with_flags(settings: ConversationSettings, **flags: Any) -> ConversationSett
     if "system_policy" in given:
         out = replace(out, policy=SystemPolicy(given.pop("system_policy")))
     return out.with_sampling(**given) if given else out
+
+
+#: What a conversation's saved settings may hold: (type, low, high).
+_RANGES: dict[str, tuple[type | tuple[type, ...], float, float]] = {
+    "temperature": ((int, float), 0.0, 2.0),
+    "top_p": ((int, float), 0.0, 1.0),
+    "top_k": (int, 0, 1 << 20),
+    "min_p": ((int, float), 0.0, 1.0),
+    "repeat_penalty": ((int, float), 0.0, 10.0),
+    "frequency_penalty": ((int, float), -2.0, 2.0),
+    "presence_penalty": ((int, float), -2.0, 2.0),
+    "max_tokens": (int, 1, 1 << 20),
+    "seed": (int, -(2**63), 2**64 - 1),
+}
+
+
+def check_params(params: Any, where: str) -> dict[str, Any]:
+    """Saved settings from outside (an import), checked: one line naming a bad one. Unknown
+    keys are dropped; a `None` seed means random."""
+    if not isinstance(params, dict):
+        raise UsageError(f"{where}: 'params' must be an object")
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        if key == "system_policy":
+            if value not in [p.value for p in SystemPolicy]:
+                raise UsageError(f"{where}: system_policy must be native or hub, not {value!r}")
+            out[key] = value
+        elif key in _RANGES:
+            if key == "seed" and value is None:
+                out[key] = None
+                continue
+            kind, low, high = _RANGES[key]
+            number = isinstance(value, kind) and not isinstance(value, bool)
+            if not number or not low <= float(value) <= high:
+                raise UsageError(
+                    f"{where}: {key} must be a number from {low:g} to {high:g}, not {value!r}"
+                )
+            out[key] = value
+    return out

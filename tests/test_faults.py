@@ -240,3 +240,41 @@ def test_odd_but_readable_imports_are_taken_as_one_rule_says(tmp_path: Path) -> 
     assert r.returncode == 0, r.stderr
     shown = starling("history", "show", "1", home=tmp_path)
     assert "bad \ufffd text" in shown.stdout and "hi" in shown.stdout
+
+
+def test_two_asks_on_one_conversation_take_turns(talker_gguf: Path, tmp_path: Path) -> None:
+    first = starling("ask", "-m", talker_gguf, "Start", "--max-tokens", "4", home=tmp_path)
+    assert first.returncode == 0, first.stderr
+    env = dict(os.environ, STARLING_HOME=str(tmp_path))
+    runs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "starling_local",
+                "ask",
+                "-m",
+                str(talker_gguf),
+                "--conversation",
+                "1",
+                f"Turn {name}",
+                "--max-tokens",
+                "60",
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for name in ("A", "B")
+    ]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in runs]
+    assert all(p.returncode == 0 for p in runs)
+    store = ConversationStore(tmp_path / "data" / "starling.db")
+    conv = store.get(1)
+    store.close()
+    assert [m.role for m in conv.messages] == ["user", "assistant"] * 3  # turns alternate
+    early, late = sorted(outs, key=lambda o: o["prompt_tokens"])
+    # The later prompt holds the earlier reply: it is longer by that turn and its reply.
+    assert late["prompt_tokens"] > early["prompt_tokens"] + early["completion_tokens"]

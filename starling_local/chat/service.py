@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -192,6 +192,21 @@ class ConversationService:
             self.store.update(conv.id, model=self.model_name)
         self.store.add_message(conv.id, "user", text)
         return self.store.get(conv.id)
+
+    @contextlib.contextmanager
+    def writing(
+        self, conversation_id: int | None, on_wait: Callable[[], object] | None = None
+    ) -> Iterator[None]:
+        """Be the one writer of a conversation across processes while the block runs (a new
+        conversation, `None`, needs no lock): wrap a message's commit and its reply, so
+        another process continuing it waits for the reply and its prompt holds it."""
+        if conversation_id is None or self._store is None:
+            yield
+            return
+        from starling_local.store.locks import conversation_lock
+
+        with conversation_lock(self._store.path, conversation_id, on_wait=on_wait):
+            yield
 
     def regenerate(self, conversation_id: int) -> Conversation:
         """Remove the last reply (kept if the conversation ends with a user message)."""

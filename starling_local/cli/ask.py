@@ -260,8 +260,18 @@ def run_ask(args: argparse.Namespace) -> int:
             once = settings.with_sampling(**per_request) if per_request else settings
             outcome = service.answer([Message("user", text)], once, hooks=hooks)
         else:
-            conv = service.send(conversation.id if conversation else None, text, settings)
-            outcome = service.reply(conv.id, hooks=hooks, overrides=per_request)
+            cid = conversation.id if conversation else None
+
+            def waiting() -> None:
+                print(
+                    f"starling: waiting for another starling process replying in "
+                    f"conversation {cid}",
+                    file=sys.stderr,
+                )
+
+            with service.writing(cid, on_wait=waiting):
+                conv = service.send(cid, text, settings)
+                outcome = service.reply(conv.id, hooks=hooks, overrides=per_request)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

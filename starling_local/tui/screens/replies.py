@@ -3,6 +3,7 @@ service, and the messages it posts (started, text, done)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -197,16 +198,20 @@ class ReplyStreaming(ConversationCommands):
         """Commit what `prepare` does (the user message, a truncation), then the reply."""
         batcher = ChunkBatcher(self.post_message, pacer)
         hooks = ReplyHooks(lambda start: self.post_message(ReplyStarted(start)), batcher.feed)
-        try:
-            conv = prepare()
-        except Exception as exc:  # nothing was committed: the typed text goes back
-            self.post_message(ReplyDone(None, str(exc) or type(exc).__name__, unsent=draft))
-            return
-        try:
-            outcome = self.service.reply(conv.id, hooks=hooks, overrides=self.reply_overrides)
-        except Exception as exc:  # shown in the conversation, never a crash of the app
-            batcher.flush()
-            self.post_message(ReplyDone(None, str(exc) or type(exc).__name__))
-            return
+        cid = self.cid
+        with contextlib.ExitStack() as held:
+            try:
+                # One writer per conversation across processes, from the commit to the reply.
+                held.enter_context(self.service.writing(cid))
+                conv = prepare()
+            except Exception as exc:  # nothing was committed: the typed text goes back
+                self.post_message(ReplyDone(None, str(exc) or type(exc).__name__, unsent=draft))
+                return
+            try:
+                outcome = self.service.reply(conv.id, hooks=hooks, overrides=self.reply_overrides)
+            except Exception as exc:  # shown in the conversation, never a crash of the app
+                batcher.flush()
+                self.post_message(ReplyDone(None, str(exc) or type(exc).__name__))
+                return
         batcher.flush()
         self.post_message(ReplyDone(outcome, outcome.error))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,8 +47,41 @@ def require_free_space(directory: Path, needed: int, what: str) -> None:
 
 
 def partial_path(final: Path) -> Path:
-    """The temporary name a file is written under before it is complete."""
+    """The temporary name a file is written under before it is complete (it carries the
+    writer's PID: `sweep_orphans` removes those whose writer is gone)."""
     return final.with_name(f".{final.name}.{os.getpid()}.partial")
+
+
+_ORPHAN = re.compile(r"^\..+\.(\d+)\.(partial|tmp)(\..+)?$")
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def sweep_orphans(folder: Path, recursive: bool = False) -> list[Path]:
+    """Remove the temporary and partial files in `folder` whose writer's process is gone (a
+    `kill -9` during a conversion, a KV state save, a library update); return them."""
+    removed = []
+    try:
+        candidates = folder.rglob(".*") if recursive else folder.glob(".*")
+        for path in candidates:
+            found = _ORPHAN.match(path.name)
+            if found and path.is_file() and not _alive(int(found.group(1))):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                    removed.append(path)
+    except OSError:
+        pass
+    return removed
 
 
 @contextlib.contextmanager
@@ -57,6 +91,7 @@ def atomic_output(final: Path) -> Iterator[Path]:
     An interrupted or failed write leaves nothing under the final name.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
+    sweep_orphans(final.parent)
     tmp = partial_path(final)
     try:
         yield tmp

@@ -278,3 +278,46 @@ def test_two_asks_on_one_conversation_take_turns(talker_gguf: Path, tmp_path: Pa
     early, late = sorted(outs, key=lambda o: o["prompt_tokens"])
     # The later prompt holds the earlier reply: it is longer by that turn and its reply.
     assert late["prompt_tokens"] > early["prompt_tokens"] + early["completion_tokens"]
+
+
+def _killed_writer(target: Path) -> Path:
+    """A process that starts writing `target` the way starling-local does and is killed -9."""
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from starling_local.files import partial_path\n"
+        f"p = partial_path(Path({str(target)!r}))\n"
+        "p.parent.mkdir(parents=True, exist_ok=True)\n"
+        "p.write_bytes(b'half a file')\n"
+        "print(p, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == -signal.SIGKILL
+    left = Path(r.stdout.strip())
+    assert left.exists()
+    return left
+
+
+def test_files_left_by_killed_writers_are_removed_by_the_next_writer(
+    tiny_f16: Path, tiny_q4: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "models"
+    orphan = _killed_writer(out / "big-q8_0.gguf")
+    intermediate = orphan.with_name(orphan.name + ".f16.gguf")  # convert's unquantized step
+    orphan.rename(intermediate)
+    r = starling("quantize", tiny_f16, out / "small-q8_0.gguf", "--quant", "Q8_0", home=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert not intermediate.exists() and (out / "small-q8_0.gguf").exists()
+    ask = starling("ask", "-m", tiny_q4, "Hello", "--max-tokens", "2", home=tmp_path)
+    assert ask.returncode == 0, ask.stderr
+    saved = list((tmp_path / "cache" / "kv").glob("*/*.kv"))
+    assert saved
+    # A KV state save killed half-way in this model's folder: swept by the next save there.
+    same = _killed_writer(saved[0].parent / "9.kv")
+    again = starling("ask", "-m", tiny_q4, "--continue", "More", "--max-tokens", "2", home=tmp_path)
+    assert again.returncode == 0 and not same.exists()
+    alive = saved[0].parent / f".x.kv.{os.getpid()}.partial"  # a live writer's: kept
+    alive.write_bytes(b"in progress")
+    starling("ask", "-m", tiny_q4, "--continue", "More", "--max-tokens", "2", home=tmp_path)
+    assert alive.exists()

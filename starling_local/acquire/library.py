@@ -73,12 +73,27 @@ class ModelLibrary:
         except (OSError, json.JSONDecodeError) as exc:
             raise StarlingError(f"{self.path}: unreadable model library ({exc})") from exc
         known = {f.name for f in fields(LibraryEntry)}
-        return [LibraryEntry(**{k: v for k, v in item.items() if k in known}) for item in raw]
+        if not isinstance(raw, list) or not all(isinstance(item, dict) for item in raw):
+            raise StarlingError(
+                f"{self.path}: unreadable model library (not a list of models); move it aside "
+                "and `starling pull` or `starling models` rebuilds it"
+            )
+        try:
+            return [LibraryEntry(**{k: v for k, v in item.items() if k in known}) for item in raw]
+        except TypeError as exc:
+            raise StarlingError(f"{self.path}: unreadable model library ({exc})") from None
 
     def _write(self, entries: list[LibraryEntry]) -> None:
+        from starling_local.files import sweep_orphans
+
+        sweep_orphans(self.path.parent)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps([asdict(e) for e in entries], indent=2), encoding="utf-8")
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps([asdict(e) for e in entries], indent=2), encoding="utf-8")
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def add(self, entry: LibraryEntry) -> LibraryEntry:
         """Register `entry`, replacing any entry of the same name."""

@@ -140,7 +140,16 @@ def convert(
     folder = ensure(out_dir or (out.parent if out else get_paths().models))
     repo, commit = (source, got.commit) if got else (None, None)
     library = ModelLibrary()
-    results: list[tuple[Path, str]] = []
+    results: list[LibraryEntry] = []
+
+    def register(path: Path, tag: str) -> None:
+        # At once: a process killed during the next quant leaves no unregistered result.
+        results.append(
+            library.register(
+                path, name=f"{base}:{tag}", source="converted", repo=repo, revision=commit
+            )
+        )
+
     converted = out if out is not None and not quants else folder / f"{base}-{kind.value}.gguf"
     if quants:
         first = out or folder / f"{base}-{quants[0].lower()}.gguf"
@@ -149,18 +158,15 @@ def convert(
         with progress_bar(progress_factory, "Converting") as bar:
             convert_checkpoint(directory, converted, kind, bar, name=base)
         if not quants:
-            results.append((converted, kind.value.upper()))
+            register(converted, kind.value.upper())
         for quant in quants:
             final = out or folder / f"{base}-{quant.lower()}.gguf"
             with progress_bar(progress_factory, f"Quantizing to {quant}") as bar:
                 quantize(converted, final, quant, n_threads, progress=bar)
-            results.append((final, quant))
+            register(final, quant)
     finally:
         if quants and not keep_intermediate:
             converted.unlink(missing_ok=True)
         if got is not None and not keep_checkpoint:
             _remove_download(got)
-    return [
-        library.register(path, name=f"{base}:{tag}", source="converted", repo=repo, revision=commit)
-        for path, tag in results
-    ]
+    return results

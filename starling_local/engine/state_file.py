@@ -54,6 +54,9 @@ def write_state_file(
     crc = zlib.crc32(body, zlib.crc32(token_bytes))
     header = StateHeader(FORMAT, version, model, len(tokens), size, crc).to_json()
     path.parent.mkdir(parents=True, exist_ok=True)
+    from starling_local.files import sweep_orphans
+
+    sweep_orphans(path.parent)  # saves killed half-way, by processes now gone
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         with tmp.open("wb") as fh:

@@ -321,3 +321,52 @@ def test_files_left_by_killed_writers_are_removed_by_the_next_writer(
     alive.write_bytes(b"in progress")
     starling("ask", "-m", tiny_q4, "--continue", "More", "--max-tokens", "2", home=tmp_path)
     assert alive.exists()
+
+
+def test_serve_save_on_a_full_disk_answers_a_5xx_and_keeps_serving(
+    tiny_q4: Path, tmpfs: Path
+) -> None:
+    import httpx2 as httpx
+
+    from tests.server_helpers import serve
+
+    with serve(tiny_q4, tmpfs, "--ctx", "512", "--save", "--quiet") as s:
+        body = {"messages": [{"role": "user", "content": "x " * 200}], "max_tokens": 2}
+        fill(tmpfs, 0)
+        r = httpx.post(f"{s.v1}/chat/completions", json=body, timeout=60)
+        assert 500 <= r.status_code < 600 and "disk is full" in r.json()["error"]["message"]
+        (tmpfs / "filler").unlink()
+        ok = httpx.post(
+            f"{s.v1}/chat/completions",
+            json={**body, "messages": [{"role": "user", "content": "hi"}]},
+            timeout=60,
+        )
+        assert ok.status_code == 200
+    assert integrity(tmpfs / "data" / "starling.db") == "ok"
+
+
+async def test_the_app_keeps_the_message_when_the_disk_is_full(
+    eager_gguf: Path, tmpfs: Path
+) -> None:
+    from textual.widgets import TextArea
+
+    from starling_local.tui.app import StarlingApp
+    from tests.test_tui import SIZE, ready, until
+
+    store = ConversationStore(tmpfs / "tui.db")
+    app = StarlingApp(model=str(eager_gguf), store=store, n_ctx=512)
+    async with app.run_test(size=SIZE) as pilot:
+        s = await ready(pilot, app)
+        fill(tmpfs, 0)
+        box = s.query_one("#input", TextArea)
+        typed = "A message the disk has no room for " * 200
+        box.text = typed
+        await pilot.press("enter")
+        await until(pilot, lambda: box.text == typed and not s.generating)
+        assert app.is_running
+        (tmpfs / "filler").unlink()
+        await pilot.press("enter")  # room again: it is saved
+        await until(pilot, lambda: bool(store.conversations()) and not s.generating)
+        (conv,) = [store.get(c.id) for c in store.conversations()]
+        assert conv.messages[0].content == typed
+    store.close()

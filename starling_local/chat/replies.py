@@ -78,7 +78,7 @@ def run_reply(
     *,
     cancel: threading.Event,
     hooks: ReplyHooks,
-    recorder: ReplyRecorder | None = None,
+    record: Callable[[], ReplyRecorder] | None = None,
     conversation_id: int | None = None,
     dropped_messages: int = 0,
     stop: Sequence[str] = (),
@@ -86,10 +86,13 @@ def run_reply(
     raw: bool = False,
     continued: bool = False,
 ) -> ReplyOutcome:
-    """Generate from `prompt` to the end, telling `hooks` and `recorder` as it goes. A stop
-    string ends the reply (stop reason `stop`) and is never shown or kept."""
+    """Generate from `prompt` to the end, telling `hooks` and the recorder `record` makes as
+    it goes. A stop string ends the reply (stop reason `stop`) and is never shown or kept.
+    The reply's row is made only once generation is accepted (the prompt fits...), so a
+    refused reply leaves no empty incomplete message behind."""
     stream = engine.generate(prompt, sampling, cancel, stop_ids=stop_ids, reply=not raw)
     matcher = StopMatcher(stop)
+    recorder = record() if record is not None else None
     message_id = recorder.message_id if recorder else None
     hooks.on_start(
         ReplyStart(conversation_id, message_id, len(prompt), dropped_messages, engine.n_ctx)

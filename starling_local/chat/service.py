@@ -71,6 +71,7 @@ class ConversationService:
         self._lock = threading.Lock()  # the service's own fields
         self._replying = FifoLock()  # one reply at a time, in order, to its saved state
         self._turn: _Turn | None = None
+        self._stop_next = False
         self._closed = False
         self._sequences = SequenceCache()
         self._replies = RecentReplies()
@@ -347,9 +348,12 @@ class ConversationService:
     # --- replies ------------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Stop the reply being generated (it is kept, marked stopped)."""
+        """Stop the reply being generated (it is kept, marked stopped), and one still waiting
+        for its turn (it then stops as it starts)."""
         with self._lock:
             turn = self._turn
+            if self._replying.waiting:
+                self._stop_next = True
         if turn is not None:
             turn.cancel.set()
 
@@ -574,6 +578,9 @@ class ConversationService:
                 if self._closed:
                     raise ServiceClosedError("the conversation service is closed")
                 turn = self._turn = _Turn(cancel or threading.Event())
+                if self._stop_next:  # stopped while it waited for its turn
+                    self._stop_next = False
+                    turn.cancel.set()
             try:
                 yield turn
             finally:
@@ -599,16 +606,19 @@ class ConversationService:
         self._sequences.prepare(engine, prompt)
         if conversation_id is not None and self._kv is not None:
             self._kv.restore(conversation_id, prompt)
-        recorder = (
-            ReplyRecorder(self.store, conversation_id, extend=extend) if conversation_id else None
-        )
+        store = self.store if conversation_id else None
+
+        def record() -> ReplyRecorder:
+            assert store is not None and conversation_id is not None
+            return ReplyRecorder(store, conversation_id, extend=extend)
+
         outcome = run_reply(
             engine,
             prompt,
             sampling,
             cancel=turn.cancel,
             hooks=hooks or ReplyHooks(),
-            recorder=recorder,
+            record=record if store is not None else None,
             conversation_id=conversation_id,
             dropped_messages=dropped,
             stop=stop,

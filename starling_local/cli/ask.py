@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ from starling_local.errors import StarlingError, UsageError
 if TYPE_CHECKING:  # the chat layer is imported when a command runs: `starling --help` stays fast
     from starling_local.chat.service import ReplyStart
     from starling_local.chat.settings import ConversationSettings
+    from starling_local.store.models import Conversation
 
 
 def register(sub: Any) -> None:
@@ -214,10 +216,8 @@ def run_ask(args: argparse.Namespace) -> int:
         args, settings_of(conversation) if conversation else ConversationSettings()
     )
     try:
-        saved_model = (
-            conversation.model if conversation and " @ " not in conversation.model else None
-        )
-        engine, name = open_engine(engine_spec(args, args.model or saved_model))
+        chosen = args.model or os.environ.get("STARLING_MODEL") or _saved_model(conversation)
+        engine, name = open_engine(engine_spec(args, chosen))
     except BaseException:
         if store is not None:
             store.close()
@@ -312,6 +312,25 @@ def run_ask(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 130 if stats.stop_reason == "cancelled" and not args.json else 0
+
+
+def _saved_model(conversation: Conversation | None) -> str | None:
+    """The model a continued conversation was saved with, when it is here; else None (the
+    default model), with a note (an imported ChatGPT conversation names `gpt-4o`)."""
+    if conversation is None or not conversation.model or " @ " in conversation.model:
+        return None
+    from starling_local.acquire.library import resolve_model
+
+    try:
+        resolve_model(conversation.model)
+    except StarlingError:
+        print(
+            f"starling: note: conversation {conversation.id} was saved with "
+            f"{conversation.model!r}, which is not here: using the default model",
+            file=sys.stderr,
+        )
+        return None
+    return conversation.model
 
 
 def parse_messages(raw: str) -> list[Message]:

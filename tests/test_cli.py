@@ -397,6 +397,9 @@ def test_bench_runs_end_to_end(tiny_q4: Path, tmp_path: Path, starling_home: Pat
     resume = f["resume"]
     assert resume["reopened_with_cache"]["prompt_evaluated"] < 40
     assert resume["reopened_without_cache"]["prompt_evaluated"] == resume["conversation_tokens"]
+    live = resume["live_with_state_file"]
+    assert live["state_bytes_read"] == 0 and live["before_state_bytes_read"] > 0
+    assert live["prompt_evaluated"] < 40
     branch = f["branch"]
     # A branch's first reply evaluates only its new turn, from the parent's live or saved KV.
     assert branch["parent_tokens"] > 250

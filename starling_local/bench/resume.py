@@ -3,11 +3,13 @@ process with its saved KV cache, and after reopening it without (full re-evaluat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +67,10 @@ def build_history(engine: Engine, target_tokens: int) -> list[Message]:
             return history
 
 
-def ttft_live(engine: Engine, history: list[Message]) -> dict[str, Any]:
+def ttft_live(engine: Engine, history: list[Message], resume: Any = None) -> dict[str, Any]:
     messages = [*history, Message("user", "And what happened next?")]
     start = time.perf_counter()
-    reply = start_reply(engine, messages, params=REPLY)
+    reply = start_reply(engine, messages, params=REPLY, resume=resume)
     next(iter(reply.stream))
     ttft = time.perf_counter() - start
     reply.stream.consume()
@@ -105,7 +107,19 @@ def resume_figures(model: Path, target_tokens: int = 2000) -> dict[str, Any]:
         root = Path(tmp)
         cache = ConversationCache(engine, root=root)
         state_bytes = cache.save(CONVERSATION_ID)
+        snapshot = engine.snapshot()
         live = ttft_live(engine, history)
+        # The same live turn as a saved conversation's turn runs it: with its state file on
+        # disk. The file is read only if it covers more than the live cache (here: none of
+        # it); before, every turn loaded the whole file ("forced").
+        read: list[int] = []
+        assert snapshot is not None
+        engine.restore(snapshot)
+        with _counting_reads(read):
+            checked = ttft_live(engine, history, lambda t: cache.restore(CONVERSATION_ID, t))
+        engine.restore(snapshot)
+        path = cache.path_for(CONVERSATION_ID)
+        forced = ttft_live(engine, history, lambda t: engine.load_state(path))
         engine.close()
         history_file = root / "history.json"
         history_file.write_text(
@@ -126,4 +140,29 @@ def resume_figures(model: Path, target_tokens: int = 2000) -> dict[str, Any]:
         "reopened_without_cache": full,
         "reopened_vs_live": reopened["ttft_s"] / live["ttft_s"],
         "full_vs_reopened": full["ttft_s"] / reopened["ttft_s"],
+        "live_with_state_file": {
+            **checked,
+            "state_bytes_read": sum(read),
+            "before_ttft_s": forced["ttft_s"],
+            "before_state_bytes_read": state_bytes,
+        },
     }
+
+
+@contextlib.contextmanager
+def _counting_reads(into: list[int]) -> Iterator[None]:
+    """Count the payload bytes read from KV state files while the block runs."""
+    from starling_local.engine import state_file
+
+    real = state_file.read_state_file
+
+    def counting(path: Path, **kw: str) -> tuple[list[int], bytearray]:
+        tokens, payload = real(path, **kw)
+        into.append(len(payload))
+        return tokens, payload
+
+    state_file.read_state_file = counting  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        state_file.read_state_file = real

@@ -172,6 +172,15 @@ def format_table(f: dict[str, Any]) -> str:
             f"  {r['reopened_without_cache']['prompt_evaluated']:>6}"
             f"   ({r['full_vs_reopened']:.1f}x the cached reopen)",
         ]
+        w = r.get("live_with_state_file")
+        if w:
+            lines.append(
+                f"  live, state file on disk  {w['ttft_s'] * 1000:>8.1f}"
+                f"  {w['prompt_evaluated']:>6}"
+                f"   ({human_bytes(w['state_bytes_read'])} of state read; loading the whole "
+                f"file each turn: {w['before_ttft_s'] * 1000:.1f} ms, "
+                f"{human_bytes(w['before_state_bytes_read'])})"
+            )
     if "branch" in f:
         b = f["branch"]
         lines += [

@@ -244,11 +244,11 @@ def fetch(
                 with partial.open("ab") as fh:
                     http_get(
                         str(meta.location),
-                        _ReportingFile(fh, bar),  # type: ignore[arg-type]
+                        _ReportingFile(fh, bar),
                         resume_size=have,
                         headers=build_hf_headers(),
                         expected_size=size,
-                        tqdm_class=bar,  # type: ignore[arg-type]
+                        tqdm_class=bar,
                     )
             except _network_errors() as exc:
                 got = partial.stat().st_size if partial.exists() else 0

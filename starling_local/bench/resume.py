@@ -161,7 +161,7 @@ def _counting_reads(into: list[int]) -> Iterator[None]:
         into.append(len(payload))
         return tokens, payload
 
-    state_file.read_state_file = counting  # type: ignore[assignment]
+    state_file.read_state_file = counting
     try:
         yield
     finally:

@@ -300,7 +300,7 @@ class Engine:
         defaults: dict[str, Any] = {} if extra_buffers_enabled() else {"use_extra_bufts": False}
         if on_progress is not None:
 
-            @llama_cpp.llama_progress_callback  # type: ignore[misc,untyped-decorator]
+            @llama_cpp.llama_progress_callback  # type: ignore[untyped-decorator]
             def progress(fraction: float, user_data: Any) -> bool:
                 on_progress(float(fraction))
                 return True

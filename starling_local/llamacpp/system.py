@@ -77,7 +77,7 @@ def route_llama_log(path: Path) -> None:
         old = _log_state.get("file")
         fh = path.open("a", encoding="utf-8", errors="replace")
 
-        @llama_cpp.llama_log_callback  # type: ignore[misc,untyped-decorator]
+        @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
         def callback(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
             try:
                 fh.write(text.decode("utf-8", "replace"))

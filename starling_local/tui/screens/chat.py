@@ -215,7 +215,7 @@ def branches_under_parents(conversations: list[Conversation]) -> list[Conversati
     children: dict[int, list[Conversation]] = {}
     for c in conversations:
         if c.parent_id in present:
-            children.setdefault(c.parent_id, []).append(c)  # type: ignore[arg-type]
+            children.setdefault(c.parent_id, []).append(c)
     out: list[Conversation] = []
 
     def visit(c: Conversation) -> None:

@@ -57,7 +57,7 @@ class TextScreen(ModalScreen[str | None]):
 
     def _value(self) -> str:
         widget = self.query_one("#text")
-        return widget.text if isinstance(widget, TextArea) else widget.value  # type: ignore[attr-defined, no-any-return]
+        return widget.text if isinstance(widget, TextArea) else widget.value  # type: ignore[attr-defined]
 
     def action_save(self) -> None:
         self.dismiss(self._value())

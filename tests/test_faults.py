@@ -370,3 +370,43 @@ async def test_the_app_keeps_the_message_when_the_disk_is_full(
         (conv,) = [store.get(c.id) for c in store.conversations()]
         assert conv.messages[0].content == typed
     store.close()
+
+
+def test_pull_of_a_missing_file_or_a_folder_says_so(tmp_path: Path) -> None:
+    assert_one_line_error(starling("pull", "./missing.gguf", home=tmp_path), 2, "no such file")
+    assert_one_line_error(starling("pull", str(tmp_path), home=tmp_path), 2, "is a directory")
+
+
+def test_a_stop_pressed_while_a_reply_waits_for_its_turn_is_kept(
+    talker_gguf: Path, tmp_path: Path
+) -> None:
+    import threading
+
+    from starling_local.chat.replies import ReplyHooks
+    from starling_local.chat.template import Message
+
+    store = ConversationStore(tmp_path / "db.sqlite")
+    service = ConversationService(store, Engine(talker_gguf, n_ctx=2048), kv_root=tmp_path / "kv")
+    conv = service.send(None, "Hello", GREEDY.with_sampling(max_tokens=200))
+    started = threading.Event()
+    busy = GREEDY.with_sampling(max_tokens=1500)
+    running = threading.Thread(
+        target=service.answer,
+        args=([Message("user", "go on")], busy),
+        kwargs={"hooks": ReplyHooks(on_text=lambda text, stream: started.set())},
+    )
+    running.start()
+    assert started.wait(30)
+    results: list[object] = []
+    queued = threading.Thread(target=lambda: results.append(service.reply(conv.id)))
+    queued.start()
+    deadline = time.monotonic() + 10
+    while not service._replying.waiting and time.monotonic() < deadline:
+        time.sleep(0.01)
+    service.stop()  # the running reply stops, and the waiting one as soon as it starts
+    running.join(30)
+    queued.join(30)
+    (outcome,) = results
+    assert outcome.stats.stop_reason == "cancelled"  # type: ignore[attr-defined]
+    assert outcome.stats.completion_tokens <= 1  # type: ignore[attr-defined]
+    service.close()

@@ -120,14 +120,19 @@ def test_huge_bodies_never_block_health(saving: Served) -> None:
     assert max(latencies) < 1.0, latencies
 
 
-def _serve_limited(model: Path, home: Path, nofile: int, *args: str) -> subprocess.Popen[str]:
+def _start(
+    model: Path, home: Path, *args: str, nofile: int | None = None, ctx: str = "512"
+) -> subprocess.Popen[str]:
+    """`starling serve` in a subprocess of our own (to signal it, or limit its descriptors)."""
+
     def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
     env = dict(os.environ, STARLING_HOME=str(home))
     return subprocess.Popen(
         [sys.executable, "-m", "starling_local", "serve", "--model", str(model), "--port", "0",
-         "--ctx", "512", *args],
+         "--ctx", ctx, *args],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, preexec_fn=limit,
     )  # fmt: skip
 
@@ -143,7 +148,7 @@ def _url_of(process: subprocess.Popen[str]) -> str:
 
 
 def test_idle_and_slow_sockets_under_a_descriptor_limit(tiny_q4: Path, tmp_path: Path) -> None:
-    process = _serve_limited(tiny_q4, tmp_path, 256, "--quiet")
+    process = _start(tiny_q4, tmp_path, "--quiet", nofile=256)
     sockets: list[socket.socket] = []
     try:
         url = _url_of(process)
@@ -235,12 +240,7 @@ def test_credentials_that_are_not_ascii_are_a_401(tiny_q4: Path, tmp_path: Path)
 
 
 def test_every_request_is_logged_on_stderr(tiny_q4: Path, tmp_path: Path) -> None:
-    env = dict(os.environ, STARLING_HOME=str(tmp_path))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "starling_local", "serve", "--model", str(tiny_q4), "--port", "0",
-         "--ctx", "512", "--log-level", "debug"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
+    process = _start(tiny_q4, tmp_path, "--log-level", "debug")
     try:
         url = _url_of(process)
         httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 3})
@@ -255,12 +255,7 @@ def test_every_request_is_logged_on_stderr(tiny_q4: Path, tmp_path: Path) -> Non
 
 
 def test_sigterm_cancels_the_running_and_queued_replies(tiny_q4: Path, tmp_path: Path) -> None:
-    env = dict(os.environ, STARLING_HOME=str(tmp_path))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "starling_local", "serve", "--model", str(tiny_q4), "--port", "0",
-         "--ctx", "4096", "--save", "--quiet"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
-    )  # fmt: skip
+    process = _start(tiny_q4, tmp_path, "--save", "--quiet", ctx="4096")
     url = _url_of(process)
     long = {"max_tokens": 4000, "ignore_eos": True, "stream": True}
 
@@ -292,7 +287,7 @@ def test_sigterm_cancels_the_running_and_queued_replies(tiny_q4: Path, tmp_path:
 
 
 def test_a_remote_killed_mid_stream_ends_with_an_error_event(tiny_q4: Path, tmp_path: Path) -> None:
-    remote = _serve_limited(tiny_q4, tmp_path / "remote", 1024, "--quiet")
+    remote = _start(tiny_q4, tmp_path / "remote", "--quiet")
     try:
         remote_url = _url_of(remote)
         with serve(tiny_q4, tmp_path / "front", "--remote", remote_url, "--quiet") as front:

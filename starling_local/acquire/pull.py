@@ -72,6 +72,14 @@ def pull(
     library = ModelLibrary()
     if spec and Path(spec).expanduser().is_file():
         return register_local(Path(spec).expanduser(), library)
+    if spec and _looks_like_a_path(spec):
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            raise UsageError(f"{spec}: is a directory; pull a .gguf file in it, or convert it "
+                             "with `starling convert` if it holds a checkpoint")  # fmt: skip
+        if path.exists():
+            raise UsageError(f"{spec}: not a regular file (a FIFO or a device?)")
+        raise UsageError(f"{spec}: no such file")
     target = parse_target(spec, quant)
     existing = library.find(target.name)
     if existing is not None and existing.name == target.name and revision is None:
@@ -178,3 +186,10 @@ def _pull_modelscope(target: PullTarget, revision: str | None) -> tuple[Path, st
         path.unlink()
         raise ChecksumError(f"{target.name}: sha256 mismatch; the damaged file was deleted")
     return path, revision, sha
+
+
+def _looks_like_a_path(spec: str) -> bool:
+    """`./x`, `/x`, `~/x` or `x.gguf`: a file meant, not a model name or repository."""
+    return spec.startswith(("./", "../", "/", "~")) or (
+        spec.endswith(".gguf") and spec.count("/") != 2
+    )

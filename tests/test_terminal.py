@@ -17,13 +17,18 @@ import pytest
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
 
 
+#: A tmux server of the tests' own (its own socket, no config): a server started elsewhere
+#: would lend its sessions its environment (a STARLING_MODEL set there, say).
+TMUX = ["tmux", "-L", f"starling-tests-{os.getpid()}", "-f", "/dev/null"]
+
+
 def tmux(*args: str) -> str:
-    return subprocess.run(["tmux", *args], capture_output=True, text=True, check=False).stdout
+    return subprocess.run([*TMUX, *args], capture_output=True, text=True, check=False).stdout
 
 
 def alive(session: str) -> bool:
     return (
-        subprocess.run(["tmux", "has-session", "-t", session], capture_output=True).returncode == 0
+        subprocess.run([*TMUX, "has-session", "-t", session], capture_output=True).returncode == 0
     )
 
 
@@ -34,7 +39,7 @@ def terminal(session: str, command: str) -> Iterator[str]:
     try:
         yield session
     finally:
-        subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+        subprocess.run([*TMUX, "kill-session", "-t", session], capture_output=True)
 
 
 def wait_for(session: str, text: str, timeout: float = 30) -> str:
@@ -233,3 +238,37 @@ def test_cancel_a_download_inside_the_app_then_resume_it(
     assert int(ranges[-1].removeprefix("bytes=").rstrip("-")) > 0
     models = starling_home / "data" / "starling.db"
     assert models.exists()
+
+
+@pytest.mark.parametrize("sig", ["TERM", "HUP"])
+def test_sigterm_and_sighup_save_the_streaming_reply(
+    talker_gguf: Path, starling_home: Path, sig: str
+) -> None:
+    """`kill` and a closed terminal quit the app as Ctrl+Q does: the streaming reply is saved,
+    marked stopped, with its KV state."""
+    from starling_local.store.conversations import ConversationStore
+
+    starling = Path(sys.executable).with_name("starling")
+    store = ConversationStore(starling_home / "data" / "starling.db")
+    cid = store.create(params={"temperature": 0.0, "max_tokens": 4000}).id
+    session = f"starling-{sig.lower()}-{os.getpid()}"
+    command = (
+        f"exec env STARLING_HOME={starling_home} {starling} chat --model {talker_gguf} "
+        f"--ctx 4096 --conversation {cid}"
+    )
+    with terminal(session, command):
+        wait_for(session, "talker-f16.gguf", timeout=60)
+        tmux("send-keys", "-t", session, "-l", "Go on and on")
+        tmux("send-keys", "-t", session, "Enter")
+        wait_for(session, "tok/s")  # the reply is streaming
+        pid = int(tmux("display-message", "-p", "-t", session, "#{pane_pid}").strip())
+        subprocess.run(["kill", f"-{sig}", str(pid)], check=True)
+        deadline = time.monotonic() + 20
+        while alive(session) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive(session)
+    user, reply = store.get(cid).messages
+    store.close()
+    assert user.content == "Go on and on"
+    assert reply.content and reply.stop_reason == "cancelled" and reply.incomplete
+    assert list((starling_home / "cache" / "kv").glob("*/*.kv"))  # its KV state was saved

@@ -22,7 +22,7 @@ from starling_local.chat.service import ConversationService
 from starling_local.chat.settings import ConversationSettings
 from starling_local.engine import state_file
 from starling_local.engine.runtime import Engine
-from starling_local.store.conversations import ConversationStore
+from starling_local.store.conversations import ConversationStore, DamagedStoreError, StoreError
 from tests.cli_helpers import assert_one_line_error, starling
 
 GREEDY = ConversationSettings().with_sampling(temperature=0.0, max_tokens=8)
@@ -410,3 +410,27 @@ def test_a_stop_pressed_while_a_reply_waits_for_its_turn_is_kept(
     assert outcome.stats.stop_reason == "cancelled"  # type: ignore[attr-defined]
     assert outcome.stats.completion_tokens <= 1  # type: ignore[attr-defined]
     service.close()
+
+
+def test_database_errors_name_their_cause(tmp_path: Path) -> None:
+    from starling_local.store.conversations import store_error
+
+    db = tmp_path / "starling.db"
+    locked = store_error(sqlite3.OperationalError("database is locked"), db)
+    assert "another starling process holds the database" in str(locked)
+    full = store_error(sqlite3.OperationalError("database or disk is full"), db)
+    assert str(full).startswith("the disk is full (") and "KB free in" in str(full)
+    damaged = store_error(sqlite3.DatabaseError("database disk image is malformed"), db)
+    assert isinstance(damaged, DamagedStoreError) and "history restore" in str(damaged)
+    # A real second writer: BEGIN IMMEDIATE waits, then fails with the "locked" line.
+    store = ConversationStore(db)
+    store._db.execute("PRAGMA busy_timeout = 100")
+    other = sqlite3.connect(db)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreError, match="another starling process holds the database"):
+            store.create(title="x")
+    finally:
+        other.rollback()
+        other.close()
+        store.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,16 @@ def test_two_conversations_alternating_each_restore_their_own_cache(
         assert first[0] > 200  # a new conversation: all of it (but a shared template prefix)
         for done, total in later:
             assert total > 250 and done < 30, evaluated  # only "And then, part N?" and template
+    # The RAM cache did the above; the state files must hold each conversation's own tokens:
+    # with the RAM cache and the live KV cache gone, each next turn still evaluates only itself.
+    engine = service.engine
+    assert isinstance(engine, Engine)
+    service._sequences.clear()
+    for name in "AB":
+        engine.clear_cache()
+        service.send(convs[name], "And finally?")
+        out = service.reply(convs[name])
+        assert out.stats.prompt_evaluated < 30, (name, out.stats)
 
 
 def test_regenerate_edit_delete(service: ConversationService, tmp_path: Path) -> None:
@@ -150,20 +161,39 @@ def test_close_during_a_reply_waits_for_it_to_be_saved(tiny_q4: Path, tmp_path: 
     assert service.engine is not None and service.engine.closed
 
 
-def test_replies_are_served_in_the_order_they_came() -> None:
-    from starling_local.chat.turns import FifoLock
+def test_replies_are_served_in_the_order_they_came(service: ConversationService) -> None:
+    """Replies asked for while one runs start in the order they were asked for, also when the
+    thread that just finished asks again at once (a plain lock goes to whoever grabs it first:
+    the thread that released it, as a rule)."""
+    from starling_local.chat.template import Message
 
-    lock = FifoLock()
-    order: list[int] = []
-    lock.acquire()
+    started: list[str] = []
+    first_streams = threading.Event()
+    busy = GREEDY.with_sampling(max_tokens=300, ignore_eos=True)
+    short = GREEDY.with_sampling(max_tokens=2)
+
+    def ask(name: str, settings: ConversationSettings) -> None:
+        hooks = ReplyHooks(
+            on_start=lambda start: started.append(name),
+            on_text=lambda text, stream: first_streams.set(),
+        )
+        service.answer([Message("user", f"Question {name}")], settings, hooks=hooks)
+
+    def twice() -> None:
+        ask("first", busy)
+        ask("again", short)  # at once: before any waiter has woken
+
+    runner = threading.Thread(target=twice)
+    runner.start()
+    assert first_streams.wait(30)
     threads = []
-    for i in range(8):
-        t = threading.Thread(target=lambda i=i: (lock.acquire(), order.append(i), lock.release()))
+    for i in range(4):
+        t = threading.Thread(target=ask, args=(f"q{i}", short))
         t.start()
         threads.append(t)
-        while lock.waiting < i + 1:  # queued before the next one arrives
-            pass
-    lock.release()
-    for t in threads:
-        t.join(10)
-    assert order == list(range(8))
+        # Queued before the next one arrives: which waiter blocks on the lock cannot be seen
+        # from outside, so the arrivals are spaced in time.
+        time.sleep(0.05)
+    for t in [runner, *threads]:
+        t.join(60)
+    assert started == ["first", "q0", "q1", "q2", "q3", "again"]

@@ -9,7 +9,8 @@ import pytest
 
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import END_OF_TURN_ID, Message, render_tokens
-from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.runtime import Engine
+from starling_local.engine.types import SamplingParams
 from starling_local.gguf.info import GGUFError
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)

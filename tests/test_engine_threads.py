@@ -13,7 +13,8 @@ import pytest
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
 from starling_local.engine import llama_adapter
-from starling_local.engine.runtime import Engine, EngineClosedError, SamplingParams
+from starling_local.engine.runtime import Engine
+from starling_local.engine.types import EngineClosedError, SamplingParams
 
 LONG = SamplingParams(temperature=0.0, max_tokens=100_000)  # until the window is full
 SHORT = SamplingParams(temperature=0.0, max_tokens=12)

@@ -14,7 +14,8 @@ import pytest
 
 from starling_local.chat.template import Message, render_tokens
 from starling_local.engine.grammar import GrammarError, check_schema, schema_grammar, validate
-from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.runtime import Engine
+from starling_local.engine.types import SamplingParams
 
 
 class Color(enum.Enum):

@@ -36,7 +36,7 @@ def test_fix_writes_a_correct_copy(eager_eos2_gguf: Path, tmp_path: Path) -> Non
         eng = Engine(path, n_ctx=256)
         from starling_local.chat.session import start_reply
         from starling_local.chat.template import Message
-        from starling_local.engine.runtime import SamplingParams
+        from starling_local.engine.types import SamplingParams
 
         reply = start_reply(eng, [Message("user", "Hi")], params=SamplingParams(temperature=0))
         replies.append(reply.stream.consume())

@@ -13,8 +13,9 @@ import pytest
 from starling_local.chat.kv_cache import ConversationCache, forget
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
-from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.runtime import Engine
 from starling_local.engine.state_file import MAGIC
+from starling_local.engine.types import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 

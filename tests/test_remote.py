@@ -23,7 +23,8 @@ import pytest
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message, render_tokens
 from starling_local.engine.remote import PROBE, RemoteEngine, RemoteError
-from starling_local.engine.runtime import Engine, EngineError, SamplingParams
+from starling_local.engine.runtime import Engine
+from starling_local.engine.types import EngineError, SamplingParams
 from starling_local.gguf.edit import rewrite_metadata
 from starling_local.gguf.header import read_header
 from starling_local.llamacpp.system import extra_buffers_enabled

@@ -13,7 +13,8 @@ from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
 from starling_local.engine.batch_cost import SIZES, BatchCost
 from starling_local.engine.lookup import DraftPolicy, LookupDrafter, best_draft
-from starling_local.engine.runtime import Engine, GenerationStats, SamplingParams
+from starling_local.engine.runtime import Engine
+from starling_local.engine.types import GenerationStats, SamplingParams
 from tests.cli_helpers import assert_one_line_error, starling
 
 FLAT = BatchCost((1.0,) * len(SIZES))

@@ -595,7 +595,8 @@ async def test_continue_extends_a_cut_reply_in_place(
     talker_gguf: Path, store: ConversationStore
 ) -> None:
     from starling_local.chat.template import Message, render_tokens
-    from starling_local.engine.runtime import Engine, SamplingParams
+    from starling_local.engine.runtime import Engine
+    from starling_local.engine.types import SamplingParams
 
     app = StarlingApp(model=str(talker_gguf), store=store, n_ctx=1024)
     async with app.run_test(size=SIZE) as pilot:

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
-from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.runtime import Engine
+from starling_local.engine.types import SamplingParams
 
 TOPICS = [
     "rivers",

@@ -10,7 +10,8 @@ from typing import Any
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
 from starling_local.engine.compute import on_compute_thread
-from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.runtime import Engine
+from starling_local.engine.types import SamplingParams
 
 PROMPT = "Write a long story about a llama who learns to program, with many chapters."
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from starling_local.chat.template import Message, render_tokens
 from starling_local.engine.grammar import schema_grammar
-from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.runtime import Engine
+from starling_local.engine.types import SamplingParams
 
 #: Open-ended, so that random weights decode as long with it as without: a list of strings.
 SCHEMA = {

@@ -16,7 +16,8 @@ from typing import Any
 from starling_local.chat.kv_cache import ConversationCache
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
-from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.runtime import Engine
+from starling_local.engine.types import SamplingParams
 
 CONVERSATION_ID = 1
 REPLY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
@@ -27,7 +28,8 @@ from pathlib import Path
 from starling_local.chat.kv_cache import ConversationCache
 from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
-from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.runtime import Engine
+from starling_local.engine.types import SamplingParams
 model, history_file, root, use_cache = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
 history = [Message(m["role"], m["content"], tuple(m["tokens"]) if m["tokens"] else None)
            for m in json.loads(Path(history_file).read_text())]

@@ -11,7 +11,8 @@ from typing import Any
 from starling_local.bench.prompts import BenchPrompt
 from starling_local.engine.batch_cost import MOST_EXACT, BatchCost
 from starling_local.engine.lookup import best_draft
-from starling_local.engine.runtime import Engine, SamplingParams
+from starling_local.engine.runtime import Engine
+from starling_local.engine.types import SamplingParams
 from starling_local.gguf.info import read_gguf
 
 #: Starling's vocabulary: 32,000 Mistral tokens, `<|end_of_turn|>` and `<|pad_0|>`.

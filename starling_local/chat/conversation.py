@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 from starling_local.chat.template import Message
-from starling_local.engine.runtime import EngineStream
+from starling_local.engine.types import EngineStream
 from starling_local.store.conversations import ConversationStore
 from starling_local.store.models import Conversation, StoredMessage
 

@@ -28,7 +28,7 @@ class EngineSpec:
     app's saved choice; see `engine.runtime.Engine.speculate`)."""
     flash_attn: bool | None = None
     kv_type: str | None = None
-    """Attention settings (None: the defaults, see `engine.runtime.default_attention`)."""
+    """Attention settings (None: the defaults, see `engine.attention.default_attention`)."""
 
     def with_env(self) -> EngineSpec:
         """Fill what was not given from `STARLING_REMOTE` and `STARLING_REMOTE_API_KEY`."""

@@ -16,12 +16,7 @@ from starling_local.chat.stops import StopMatcher
 from starling_local.engine.grammar import Grammar, validate
 from starling_local.engine.interface import EngineLike
 from starling_local.engine.logprobs import TokenLogprob
-from starling_local.engine.runtime import (
-    EngineStream,
-    GenerationStats,
-    ReplyDecoder,
-    SamplingParams,
-)
+from starling_local.engine.types import EngineStream, GenerationStats, ReplyDecoder, SamplingParams
 from starling_local.errors import StarlingError
 
 

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from starling_local.chat.template import Message
 from starling_local.engine.interface import EngineLike
-from starling_local.engine.runtime import KVSnapshot
+from starling_local.engine.types import KVSnapshot
 
 DEFAULT_CAP_BYTES = 2 << 30
 #: A cache that would lose fewer tokens than this is not worth copying.

@@ -29,7 +29,7 @@ from starling_local.chat.template import Message
 from starling_local.chat.transcripts import to_json, to_markdown
 from starling_local.chat.turns import FifoLock
 from starling_local.engine.interface import EngineLike
-from starling_local.engine.runtime import SamplingParams
+from starling_local.engine.types import SamplingParams
 from starling_local.errors import StarlingError, UsageError
 
 __all__ = ["ConversationService", "ReplyHooks", "ReplyOutcome", "ReplyStart"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from starling_local.chat.context import FittedPrompt, fit_prompt
 from starling_local.chat.template import DEFAULT_STYLE, Message, PromptStyle
 from starling_local.engine.interface import EngineLike
-from starling_local.engine.runtime import EngineStream, SamplingParams
+from starling_local.engine.types import EngineStream, SamplingParams
 from starling_local.errors import UsageError
 
 

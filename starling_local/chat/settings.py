@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 from starling_local.chat.template import Mode, PromptStyle, SystemPolicy
-from starling_local.engine.runtime import SamplingParams
+from starling_local.engine.types import SamplingParams
 from starling_local.errors import UsageError
 from starling_local.store.models import Conversation
 

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from starling_local.engine.runtime import EngineStream, KVSnapshot, SamplingParams
+from starling_local.engine.types import EngineStream, KVSnapshot, SamplingParams
 
 
 class EngineLike(Protocol):

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import httpx2 as httpx
 
 from starling_local.engine.logprobs import TokenLogprob
-from starling_local.engine.runtime import (
-    Engine,
+from starling_local.engine.runtime import Engine
+from starling_local.engine.types import (
     EngineError,
     EngineStream,
     GenerationStats,

@@ -6,22 +6,30 @@ across tokens, reuses the KV cache across turns, and reports what it did.
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import hashlib
 import os
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
+from starling_local.engine.attention import KV_TYPES, default_attention
 from starling_local.engine.batch_cost import BatchCost
 from starling_local.engine.grammar import Grammar
 from starling_local.engine.logprobs import TokenLogprob, token_logprob
 from starling_local.engine.lookup import MAX_DRAFT, DraftPolicy, LookupDrafter
-from starling_local.errors import StarlingError
+from starling_local.engine.types import (
+    EngineClosedError,
+    EngineError,
+    EngineStream,
+    GenerationStats,
+    KVSnapshot,
+    ReplyDecoder,
+    SamplingParams,
+)
 from starling_local.gguf.info import GGUFInfo, check_runnable
 from starling_local.llamacpp.system import (
     backend,
@@ -33,202 +41,18 @@ from starling_local.llamacpp.system import (
 from starling_local.paths import get_paths
 from starling_local.vocab import END_OF_TURN_ID, EOS_ID
 
-StopReason = Literal["end_of_turn", "stop", "length", "cancelled"]
-"""`end_of_turn`: the model ended its turn (id 32000 or the file's eos); `stop`: a stop token id
-or stop string the caller asked for; `length`: the token budget or the window ran out."""
-
 #: Prompt tokens evaluated per `llama_decode` call, with a cancel check between calls.
 PREFILL_CHUNK = 256
-
-#: KV cache element types offered (llama.cpp's ggml type ids); q8_0 halves the cache and the
-#: KV state files, and needs flash attention.
-KV_TYPES = {"f16": 1, "q8_0": 8}
-
-
-@dataclass(frozen=True)
-class AttentionChoice:
-    flash_attn: bool
-    kv_type: str
-
-
-def default_attention(backend_name: str, speculate: bool) -> AttentionChoice:
-    """Flash attention and KV cache type, chosen from `starling bench --long-context`.
-
-    CPU: flash attention off, for long conversations: decode at depth 2,048 / 4,096 / 7,936
-    ran 1.34x / 1.55x / 1.81x faster without it (0.5B shape, 2 cores; the 7B shape at 2,048:
-    5.44 vs 3.92 tok/s), for 10% at depth 0. The KV cache stays f16: q8_0 decoded no faster
-    and evaluated prompts 5x slower on the CPU at depth 7,936 (9.9 vs 48.8 tok/s).
-    GPUs: on (CUDA, 7B: 253 vs 220 tok/s at depth 0, 184 vs 154 at 7,936).
-
-    Speculative decoding needs a verified batch's logits to be bit for bit a single token's.
-    On the CPU that takes flash attention with a q8_0 KV cache: without flash attention the
-    attention products of a batch go through another GEMM than one token's (0.3-0.8 apart),
-    and with an f16 cache llama.cpp splits one token's attention across threads once the
-    cache passes 256 tokens (0.5-1.0 apart). With q8_0 both take the same kernel at any depth
-    (`scripts/batch_logits.py`: 0 difference at 221 to 3,000 cached tokens)."""
-    if backend_name == "CPU":
-        return AttentionChoice(flash_attn=speculate, kv_type="q8_0" if speculate else "f16")
-    return AttentionChoice(flash_attn=True, kv_type="f16")
-
 
 #: llama.cpp's "pick a random seed" value.
 RANDOM_SEED = 0xFFFFFFFF
 DEFAULT_CTX = 8192
 
 
-@dataclass(frozen=True)
-class KVSnapshot:
-    """An engine's KV cache copied into memory (made and read by the same engine only)."""
-
-    tokens: tuple[int, ...]
-    payload: bytearray
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.payload)
-
-
-class EngineError(StarlingError):
-    """The model could not be loaded or run."""
-
-
-class EngineClosedError(EngineError):
-    """The engine was closed (the app is quitting, or the model was switched)."""
-
-
 def model_key(path: Path) -> str:
     """Identifies a model file (path, size, modification time) for KV state files."""
     st = path.stat()
     return hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-
-
-@dataclass
-class SamplingParams:
-    """How the next token is chosen. `temperature` 0 is greedy."""
-
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    max_tokens: int = 1024
-    seed: int | None = None
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    ignore_eos: bool = False
-    """Decode past `<|end_of_turn|>` (as vLLM's field of that name): only for benchmarks that
-    must decode exactly `max_tokens` tokens. Never saved with a conversation."""
-    logit_bias: tuple[tuple[int, float], ...] = ()
-    """(token id, bias added to its logit) pairs; -100 bans a token, 100 all but forces it."""
-    grammar: Grammar | None = None
-    """Constrain the reply to a grammar (a JSON schema, any JSON object, or GBNF)."""
-    logprobs: int | None = None
-    """Report each reply token's log-probability with this many alternatives (None: none)."""
-    prompt_logprobs: int | None = None
-    """Report each prompt token's log-probability too (evaluates the whole prompt)."""
-
-
-@dataclass
-class GenerationStats:
-    """What one reply cost."""
-
-    prompt_tokens: int
-    prompt_evaluated: int
-    """Prompt tokens actually run through the model (the rest came from the KV cache)."""
-    completion_tokens: int = 0
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-    stop_reason: StopReason = "end_of_turn"
-    draft_tokens: int = 0
-    """Tokens proposed by speculative decoding (lookup in the conversation) and verified."""
-    accepted_tokens: int = 0
-    """Of those, the ones the model agreed with (each saved one decoding step)."""
-    draft_limit: int = 0
-    """The most drafted tokens one step could verify (0: speculation off, or no batch of
-    two tokens computes its logits exactly as single tokens on this machine)."""
-
-    @property
-    def acceptance(self) -> float:
-        return self.accepted_tokens / self.draft_tokens if self.draft_tokens else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        """Tokens per second after the first one (the first one's time is the TTFT)."""
-        if self.completion_tokens < 2 or self.decode_s <= 0:
-            return 0.0
-        return (self.completion_tokens - 1) / self.decode_s
-
-    def as_dict(self) -> dict[str, Any]:
-        """The figures as saved with a reply and printed by `ask --json`."""
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "prompt_evaluated": self.prompt_evaluated,
-            "completion_tokens": self.completion_tokens,
-            "ttft_s": round(self.ttft_s, 6),
-            "decode_tokens_per_s": round(self.decode_tokens_per_s, 3),
-            "stop_reason": self.stop_reason,
-            "draft_tokens": self.draft_tokens,
-            "accepted_tokens": self.accepted_tokens,
-            "draft_limit": self.draft_limit,
-        }
-
-
-@dataclass
-class EngineStream:
-    """An iterator of reply text chunks; `stats` and `text` are complete once it is exhausted."""
-
-    _chunks: Iterator[str]
-    stats: GenerationStats
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    """One per token id, when asked for (`SamplingParams.logprobs`)."""
-    prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)
-    """One per prompt token (None for the first), when asked for."""
-
-    @classmethod
-    def starting(cls, tokens: Sequence[int], n_ctx: int) -> EngineStream:
-        """A stream for the prompt `tokens`, refused when it does not fit the window."""
-        if len(tokens) >= n_ctx:
-            raise EngineError(f"the prompt is {len(tokens)} tokens; the context window is {n_ctx}")
-        stats = GenerationStats(prompt_tokens=len(tokens), prompt_evaluated=len(tokens))
-        return cls(iter(()), stats)
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        chunk = next(self._chunks)
-        self.text += chunk
-        return chunk
-
-    def consume(self) -> str:
-        """Run to the end and return the whole reply."""
-        for _ in self:
-            pass
-        return self.text
-
-
-class ReplyDecoder:
-    """Token ids -> reply text: only whole UTF-8 characters (a character may span several byte
-    tokens), without the leading space the template's `Assistant:` leaves to the model (unless
-    `strip` is False: raw completions keep it)."""
-
-    def __init__(self, piece: Callable[[int], bytes], strip: bool = True) -> None:
-        self._piece = piece
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._started = not strip
-
-    def push(self, token: int) -> str:
-        text: str = self._utf8.decode(self._piece(token))
-        if not self._started:
-            text = text.lstrip()
-            self._started = bool(text)
-        return text
-
-    def flush(self) -> str:
-        text: str = self._utf8.decode(b"", final=True)
-        return text if self._started else text.lstrip()
 
 
 class Engine:

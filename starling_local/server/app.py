@@ -39,7 +39,7 @@ from starling_local.chat.tools import call_grammar, describe
 from starling_local.engine.grammar import GrammarError
 from starling_local.engine.interface import EngineLike
 from starling_local.engine.remote import RemoteError
-from starling_local.engine.runtime import EngineClosedError
+from starling_local.engine.types import EngineClosedError
 from starling_local.errors import StarlingError, UsageError
 from starling_local.server.guard import BrowserGuard, RequestLog
 from starling_local.server.protocol import (

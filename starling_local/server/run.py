@@ -12,7 +12,7 @@ from starlette.requests import Request
 
 from starling_local.chat.service import ReplyHooks, ReplyOutcome, ReplyStart
 from starling_local.engine.logprobs import TokenLogprob
-from starling_local.engine.runtime import EngineStream
+from starling_local.engine.types import EngineStream
 
 Call = Callable[[ReplyHooks, threading.Event], ReplyOutcome]
 

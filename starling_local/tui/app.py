@@ -111,7 +111,7 @@ class StarlingApp(App[None]):
         from dataclasses import replace
 
         from starling_local.chat.engines import open_engine
-        from starling_local.engine.runtime import EngineClosedError
+        from starling_local.engine.types import EngineClosedError
 
         spec = replace(self.engine_spec, model=model, remote=None) if model else self.engine_spec
         saved = load_config().get("speculate")

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable
 
-from starling_local.engine.runtime import EngineStream
+from starling_local.engine.types import EngineStream
 from starling_local.tui.messages import ReplyChunk
 
 #: The fastest redraw rate of a streaming reply (seconds between redraws).

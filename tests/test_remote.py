@@ -184,8 +184,7 @@ def llama_server(llama_server_binary: Path, distinct_f16: Path) -> Iterator[str]
             raise AssertionError("llama-server did not start")
         yield url
     finally:
-        process.terminate()
-        process.wait(20)
+        _stop(process)
 
 
 def test_remote_llama_server_gives_the_local_engines_ids(
@@ -230,14 +229,24 @@ def test_llama_server_stops_at_end_of_turn_on_our_side(
         assert 32000 not in reply.stream.token_ids
         remote.close()
     finally:
-        process.terminate()
+        _stop(process)
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """End a server the test started (llama-server can take a while to notice SIGTERM on a
+    busy machine: after 20 s it is killed)."""
+    process.terminate()
+    try:
         process.wait(20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
 
 
 # --- a real vLLM: its CPU build, installed once into a cached venv ------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # stopped after this file: it would share the 2 cores
 def vllm_url(distinct_checkpoint: Path) -> Iterator[str]:
     """vLLM serving the tiny checkpoint exactly as the project writes it (no tokenizer.json).
     STARLING_VLLM_URL uses one already running (scripts/vllm_check.sh on a GPU machine)."""

@@ -446,3 +446,18 @@ def test_null_means_not_set_and_routes_answer_without_v1(server: Served) -> None
     assert httpx.get(f"{server.url}/models").json()["data"][0]["id"] == "tiny-q4_k_m"
     short = {"prompt": "Hi", "max_tokens": 2}
     assert httpx.post(f"{server.url}/completions", json=short).is_success
+
+
+def test_streamed_text_with_unicode_line_breaks_stays_one_event_a_line(server: Served) -> None:
+    """NEL (token 31363 is U+0085), U+2028 and U+2029 are line ends to `str.splitlines`, and so
+    to httpx's `iter_lines`: raw inside an event's JSON, they would cut it in two."""
+    body = {  # a continued reply: its first characters are not stripped as leading space
+        "messages": [*HELLO, {"role": "assistant", "content": "Hi"}],
+        "max_tokens": 6,
+        "temperature": 0,
+        "stream": True,
+        "logit_bias": {"31363": 100},
+    }
+    chunks = events(server, "/chat/completions", body)
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert "\x85" in text

@@ -179,8 +179,13 @@ class StarlingServer:
             raise
 
 
+#: Characters that `str.splitlines` (and so many SSE clients, httpx's `iter_lines` among them)
+#: takes for line ends, which JSON leaves raw inside strings: escaped, an event stays one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _sse(data: Any) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 def _error_response(error: APIError) -> JSONResponse:

@@ -7,17 +7,17 @@ from pathlib import Path
 
 import pytest
 
-from starling_local.chat.session import start_reply
 from starling_local.chat.template import END_OF_TURN_ID, Message, render_tokens
 from starling_local.engine.runtime import Engine
 from starling_local.engine.types import SamplingParams
 from starling_local.gguf.info import GGUFError
+from tests.prompting import generate
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=24)
 
 
 def test_stops_at_max_tokens(engine: Engine) -> None:
-    reply = start_reply(engine, [Message("user", "Hello")], params=GREEDY)
+    reply = generate(engine, [Message("user", "Hello")], params=GREEDY)
     text = reply.stream.consume()
     stats = reply.stream.stats
     assert stats.stop_reason == "length"
@@ -28,12 +28,12 @@ def test_stops_at_max_tokens(engine: Engine) -> None:
 
 
 def test_greedy_is_deterministic_and_seeded_sampling_repeats(engine: Engine) -> None:
-    a = start_reply(engine, [Message("user", "One")], params=GREEDY).stream.consume()
-    b = start_reply(engine, [Message("user", "One")], params=GREEDY).stream.consume()
+    a = generate(engine, [Message("user", "One")], params=GREEDY).stream.consume()
+    b = generate(engine, [Message("user", "One")], params=GREEDY).stream.consume()
     assert a == b
     seeded = SamplingParams(temperature=1.0, max_tokens=16, seed=42)
-    c = start_reply(engine, [Message("user", "Two")], params=seeded).stream.consume()
-    d = start_reply(engine, [Message("user", "Two")], params=seeded).stream.consume()
+    c = generate(engine, [Message("user", "Two")], params=seeded).stream.consume()
+    d = generate(engine, [Message("user", "Two")], params=seeded).stream.consume()
     assert c == d
 
 
@@ -44,7 +44,7 @@ def test_stops_at_end_of_turn_whatever_the_files_eos(
     path: Path = request.getfixturevalue(fixture)
     eng = Engine(path, n_ctx=512)
     try:
-        reply = start_reply(
+        reply = generate(
             eng, [Message("user", "Hello")], params=SamplingParams(temperature=0, max_tokens=200)
         )
         reply.stream.consume()
@@ -68,7 +68,7 @@ def test_eos2_file_is_compensated_at_load(eager_eos2_gguf: Path) -> None:
 
 def test_cancel_from_another_thread(engine: Engine) -> None:
     cancel = threading.Event()
-    reply = start_reply(
+    reply = generate(
         engine,
         [Message("user", "Tell me everything")],
         params=SamplingParams(temperature=0, max_tokens=500),
@@ -98,13 +98,13 @@ def test_multibyte_characters_never_split(vocab: Engine, engine: Engine) -> None
 
 def test_kv_cache_reused_across_turns(engine: Engine) -> None:
     first = [Message("user", "Hello there, how are you?")]
-    r1 = start_reply(engine, first, params=GREEDY)
+    r1 = generate(engine, first, params=GREEDY)
     reply_text = r1.stream.consume()
     p1 = r1.prompt.tokens
     ids = tuple(r1.stream.token_ids)
     second = [*first, Message("assistant", reply_text, ids), Message("user", "And then?")]
     p2 = render_tokens(second, engine.tokenize_text)
-    r2 = start_reply(engine, second, params=GREEDY)
+    r2 = generate(engine, second, params=GREEDY)
     r2.stream.consume()
     assert r2.prompt.tokens == p2
     assert p2[: len(p1) + len(ids)] == p1 + list(ids)  # the reply re-enters as generated
@@ -113,7 +113,7 @@ def test_kv_cache_reused_across_turns(engine: Engine) -> None:
     assert r2.stream.stats.prompt_evaluated == len(p2) - len(p1) - len(ids) + 1
     # Without the ids, the text re-tokenizes canonically: still nothing of turn 1's prompt.
     plain = [*first, Message("assistant", reply_text), Message("user", "And then?")]
-    r3 = start_reply(engine, plain, params=GREEDY)
+    r3 = generate(engine, plain, params=GREEDY)
     r3.stream.consume()
     assert r3.prompt.tokens == render_tokens(plain, engine.tokenize_text)
 
@@ -128,7 +128,7 @@ def test_context_overflow_drops_turns_and_says_so(tiny_q4: Path) -> None:
                 Message("assistant", f"answer {i} " * 6),
             ]
         history.append(Message("user", "now"))
-        reply = start_reply(eng, history, params=SamplingParams(temperature=0, max_tokens=32))
+        reply = generate(eng, history, params=SamplingParams(temperature=0, max_tokens=32))
         reply.stream.consume()
         assert reply.prompt.dropped_messages > 0
         assert len(reply.prompt.tokens) + reply.stream.stats.completion_tokens <= 256

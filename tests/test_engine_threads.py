@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from starling_local.chat.session import start_reply
 from starling_local.chat.template import Message
 from starling_local.engine import llama_adapter
 from starling_local.engine.runtime import Engine
 from starling_local.engine.types import EngineClosedError, SamplingParams
+from tests.prompting import generate
 
 LONG = SamplingParams(temperature=0.0, max_tokens=100_000)  # until the window is full
 SHORT = SamplingParams(temperature=0.0, max_tokens=12)
@@ -22,7 +22,7 @@ SHORT = SamplingParams(temperature=0.0, max_tokens=12)
 
 def test_close_while_another_thread_generates(tiny_q4: Path) -> None:
     engine = Engine(tiny_q4, n_ctx=4096)
-    reply = start_reply(engine, [Message("user", "Go on")], params=LONG)
+    reply = generate(engine, [Message("user", "Go on")], params=LONG)
     started = threading.Event()
     chunks: list[str] = []
 
@@ -43,7 +43,7 @@ def test_close_while_another_thread_generates(tiny_q4: Path) -> None:
     with pytest.raises(EngineClosedError):
         engine.tokenize_text("hello")
     with pytest.raises(EngineClosedError):
-        start_reply(engine, [Message("user", "again")], params=SHORT)
+        generate(engine, [Message("user", "again")], params=SHORT)
     engine.close()  # twice is fine
 
 
@@ -51,7 +51,7 @@ def test_close_with_an_abandoned_stream(tiny_q4: Path) -> None:
     """A stream that was started and then left (nobody iterates it) must not keep close()
     waiting forever: the engine closes the suspended generation itself."""
     engine = Engine(tiny_q4, n_ctx=1024)
-    reply = start_reply(engine, [Message("user", "Hi")], params=LONG)
+    reply = generate(engine, [Message("user", "Hi")], params=LONG)
     next(iter(reply.stream))
     done = threading.Event()
     closer = threading.Thread(target=lambda: (engine.close(), done.set()))
@@ -63,13 +63,11 @@ def test_close_with_an_abandoned_stream(tiny_q4: Path) -> None:
 
 def test_generations_from_two_threads_run_one_after_the_other(engine: Engine) -> None:
     prompts = ["The first one", "The second one"]
-    alone = [
-        start_reply(engine, [Message("user", p)], params=SHORT).stream.consume() for p in prompts
-    ]
+    alone = [generate(engine, [Message("user", p)], params=SHORT).stream.consume() for p in prompts]
     results: dict[str, list[str]] = {p: [] for p in prompts}
 
     def run(prompt: str) -> None:
-        text = start_reply(engine, [Message("user", prompt)], params=SHORT).stream.consume()
+        text = generate(engine, [Message("user", prompt)], params=SHORT).stream.consume()
         results[prompt].append(text)  # every thread's reply is checked, not the last one
 
     threads = [threading.Thread(target=run, args=(p,)) for p in prompts for _ in range(3)]
@@ -84,7 +82,7 @@ def test_generations_from_two_threads_run_one_after_the_other(engine: Engine) ->
 def test_tokenizing_does_not_wait_for_a_generation(tiny_q4: Path, vocab: Engine) -> None:
     engine = Engine(tiny_q4, n_ctx=4096)
     cancel = threading.Event()
-    reply = start_reply(engine, [Message("user", "Go on")], params=LONG, cancel=cancel)
+    reply = generate(engine, [Message("user", "Go on")], params=LONG, cancel=cancel)
     it = iter(reply.stream)
     next(it)  # the generation holds the context now
     start = time.perf_counter()
@@ -155,7 +153,7 @@ def test_cancel_during_a_long_prompt_evaluation(
     engine = Engine(tiny_q4, n_ctx=2048)
     long_prompt = [Message("user", "llamas and alpacas " * 150)]
     cancel = _CancelAfter(3)
-    reply = start_reply(engine, long_prompt, params=SHORT, cancel=cancel)
+    reply = generate(engine, long_prompt, params=SHORT, cancel=cancel)
     assert reply.stream.consume() == ""
     assert reply.stream.stats.stop_reason == "cancelled"
     assert reply.stream.stats.completion_tokens == 0
@@ -163,7 +161,7 @@ def test_cancel_during_a_long_prompt_evaluation(
     evaluated = engine.cached_tokens
     assert prompt > 600 and 0 < evaluated <= 2 * 64  # stopped after two chunks
     # The next reply continues from what was evaluated.
-    again = start_reply(engine, long_prompt, params=SHORT)
+    again = generate(engine, long_prompt, params=SHORT)
     again.stream.consume()
     assert again.stream.stats.prompt_evaluated == prompt - evaluated
     assert again.stream.stats.completion_tokens == SHORT.max_tokens
@@ -190,7 +188,7 @@ def test_every_decode_runs_on_one_compute_thread(
         texts: list[str] = []
 
         def ask() -> None:
-            reply = start_reply(engine, [Message("user", "Hi")], params=SHORT)
+            reply = generate(engine, [Message("user", "Hi")], params=SHORT)
             texts.append(reply.stream.consume())
 
         ask()

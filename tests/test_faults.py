@@ -382,7 +382,7 @@ def test_a_stop_pressed_while_a_reply_waits_for_its_turn_is_kept(
 ) -> None:
     import threading
 
-    from starling_local.chat.replies import ReplyHooks
+    from starling_local.chat.generation import ReplyHooks
     from starling_local.chat.template import Message
 
     store = ConversationStore(tmp_path / "db.sqlite")
@@ -401,7 +401,7 @@ def test_a_stop_pressed_while_a_reply_waits_for_its_turn_is_kept(
     queued = threading.Thread(target=lambda: results.append(service.reply(conv.id)))
     queued.start()
     deadline = time.monotonic() + 10
-    while not service._replying.waiting and time.monotonic() < deadline:
+    while not service.runner.waiting and time.monotonic() < deadline:
         time.sleep(0.01)
     service.stop()  # the running reply stops, and the waiting one as soon as it starts
     running.join(30)

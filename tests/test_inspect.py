@@ -34,11 +34,11 @@ def test_fix_writes_a_correct_copy(eager_eos2_gguf: Path, tmp_path: Path) -> Non
     replies = []
     for path in (eager_eos2_gguf, out):
         eng = Engine(path, n_ctx=256)
-        from starling_local.chat.session import start_reply
         from starling_local.chat.template import Message
         from starling_local.engine.types import SamplingParams
+        from tests.prompting import generate
 
-        reply = start_reply(eng, [Message("user", "Hi")], params=SamplingParams(temperature=0))
+        reply = generate(eng, [Message("user", "Hi")], params=SamplingParams(temperature=0))
         replies.append(reply.stream.consume())
         eng.close()
     assert replies[0] == replies[1]

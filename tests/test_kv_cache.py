@@ -11,44 +11,59 @@ import llama_cpp
 import pytest
 
 from starling_local.chat.kv_cache import ConversationCache, forget
-from starling_local.chat.session import start_reply
+from starling_local.chat.service import ConversationService, ReplyOutcome
+from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Message
 from starling_local.engine.runtime import Engine
 from starling_local.engine.state_file import MAGIC
 from starling_local.engine.types import SamplingParams
+from starling_local.store.conversations import ConversationStore
+from tests.prompting import generate
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
+STORY = "Tell me a long story about " + "llamas and alpacas " * 40
+
+
+def _service(model: Path, history: Path, kv: Path, n_ctx: int = 2048) -> ConversationService:
+    """A service as the app makes one, with the store and state files of this test."""
+    return ConversationService(ConversationStore(history), Engine(model, n_ctx=n_ctx), kv_root=kv)
+
+
+def _told(service: ConversationService, cid: int | None, text: str) -> tuple[int, ReplyOutcome]:
+    conv = service.send(cid, text, ConversationSettings(sampling=GREEDY))
+    return conv.id, service.reply(conv.id)
 
 
 def _conversation(engine: Engine) -> list[Message]:
-    history = [Message("user", "Tell me a long story about " + "llamas and alpacas " * 40)]
-    r = start_reply(engine, history, params=GREEDY)
+    history = [Message("user", STORY)]
+    r = generate(engine, history, params=GREEDY)
     r.stream.consume()
     return [*history, Message("assistant", r.stream.text, tuple(r.stream.token_ids))]
 
 
-def test_resume_in_a_new_engine_evaluates_only_the_new_turn(tiny_q4: Path, tmp_path: Path) -> None:
-    first = Engine(tiny_q4, n_ctx=2048)
-    history = _conversation(first)
-    cache = ConversationCache(first, root=tmp_path)
-    assert cache.save(1) > 0
-    messages = [*history, Message("user", "And then?")]
-    live = start_reply(first, messages, params=GREEDY)
-    live_text = live.stream.consume()
+def test_a_conversation_resumed_by_a_new_process_evaluates_only_the_new_turn(
+    tiny_q4: Path, tmp_path: Path
+) -> None:
+    """The service saves the conversation's KV state file before its reply returns; a new
+    service (a new engine, as a new process has) loads it: only "And then?" and its template
+    are evaluated, and the reply is the one a full evaluation of the history gives."""
+    db, kv = tmp_path / "history.db", tmp_path / "kv"
+    first = _service(tiny_q4, db, kv)
+    cid, _ = _told(first, None, STORY)
     first.close()
 
-    second = Engine(tiny_q4, n_ctx=2048)
-    restored: list[int] = []
-    later = ConversationCache(second, root=tmp_path)
-    r = start_reply(
-        second, messages, params=GREEDY, resume=lambda t: restored.append(later.restore(1, t))
-    )
-    assert r.stream.consume() == live_text  # the restored cache is the live one, bit for bit
-    assert restored[0] > 300
-    assert r.stream.stats.prompt_evaluated == live.stream.stats.prompt_evaluated
-    assert r.stream.stats.prompt_evaluated == r.stream.stats.prompt_tokens - restored[0]
-    assert r.stream.stats.prompt_evaluated < 30  # "And then?" and its template, not the story
+    second = _service(tiny_q4, db, kv)
+    _, resumed = _told(second, cid, "And then?")
+    assert resumed.cached_tokens > 300  # the story came from the state file
+    assert resumed.stats.prompt_evaluated < 30  # "And then?" and its template, not the story
+    second.regenerate(cid)
     second.close()
+
+    cold = _service(tiny_q4, db, tmp_path / "no-state-files")
+    again = cold.reply(cid)
+    assert again.stats.prompt_evaluated == again.stats.prompt_tokens  # all of it, this time
+    assert again.text == resumed.text  # the restored cache is the evaluated one
+    cold.close()
 
 
 def _rewrite_header(path: Path, **changes: object) -> None:
@@ -107,21 +122,18 @@ def test_bad_state_files_are_deleted_and_the_history_evaluated(
     messages = [*history, Message("user", "And then?")]
     engine.close()
     cold = Engine(tiny_q4, n_ctx=1024)  # what a full evaluation of the history gives
-    expected = start_reply(cold, messages, params=GREEDY).stream.consume()
+    expected = generate(cold, messages, params=GREEDY).stream.consume()
     cold.close()
 
     path = cache.path_for(5)
     _spoil(kind, path, foreign.path_for(5))
     fresh = Engine(tiny_q4, n_ctx=1024)
     later = ConversationCache(fresh, root=tmp_path)
-    restored: list[int] = []
-    r = start_reply(
-        fresh, messages, params=GREEDY, resume=lambda t: restored.append(later.restore(5, t))
-    )
-    assert r.stream.consume() == expected  # the reply still comes, the same one
-    assert restored == [0]
-    assert r.stream.stats.prompt_evaluated == r.stream.stats.prompt_tokens  # history evaluated
+    r = generate(fresh, messages, params=GREEDY)
+    assert later.restore(5, r.prompt.tokens) == 0
     assert not path.exists()  # the bad file is gone
+    assert r.stream.consume() == expected  # the reply still comes, the same one
+    assert r.stream.stats.prompt_evaluated == r.stream.stats.prompt_tokens  # history evaluated
     fresh.close()
 
 

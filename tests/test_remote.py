@@ -20,7 +20,8 @@ from typing import Any
 import httpx2 as httpx
 import pytest
 
-from starling_local.chat.session import start_reply
+from starling_local.chat.service import ConversationService, ReplyOutcome
+from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Message, render_tokens
 from starling_local.engine.remote import PROBE, RemoteEngine, RemoteError
 from starling_local.engine.runtime import Engine
@@ -31,6 +32,7 @@ from starling_local.llamacpp.system import extra_buffers_enabled
 from starling_local.vocab import packaged_vocabulary
 from tests.cards import CARD_CODE, CARD_MULTI, CARD_SINGLE
 from tests.cli_helpers import assert_one_line_error, starling
+from tests.prompting import generate
 from tests.server_helpers import Served, serve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,17 +43,21 @@ PROMPTS = ["Hello", "Write a haiku about llamas", "Implement quicksort using C++
 def local_ids(model: Path, prompt: str) -> list[int]:
     engine = Engine(model, n_ctx=2048)
     try:
-        reply = start_reply(engine, [Message("user", prompt)], params=GREEDY)
+        reply = generate(engine, [Message("user", prompt)], params=GREEDY)
         reply.stream.consume()
         return list(reply.stream.token_ids)
     finally:
         engine.close()
 
 
+def remote_reply(remote: RemoteEngine, prompt: str, params: SamplingParams) -> ReplyOutcome:
+    """A reply generated on `remote` as `--remote` runs one: through the service."""
+    service = ConversationService(None, remote)  # the test closes the remote engine
+    return service.answer([Message("user", prompt)], ConversationSettings(sampling=params))
+
+
 def remote_ids(remote: RemoteEngine, prompt: str) -> list[int]:
-    reply = start_reply(remote, [Message("user", prompt)], params=GREEDY)  # type: ignore[arg-type]
-    reply.stream.consume()
-    return list(reply.stream.token_ids)
+    return remote_reply(remote, prompt, GREEDY).token_ids
 
 
 def test_the_packaged_vocabulary_tokenizes_the_model_cards() -> None:
@@ -220,13 +226,10 @@ def test_llama_server_stops_at_end_of_turn_on_our_side(
             except httpx.HTTPError:
                 time.sleep(0.2)
         remote = RemoteEngine(url)
-        reply = start_reply(  # type: ignore[arg-type]
-            remote, [Message("user", "Hello")], params=SamplingParams(temperature=0, max_tokens=200)
-        )
-        reply.stream.consume()
-        assert reply.stream.stats.stop_reason == "end_of_turn"
-        assert 0 < reply.stream.stats.completion_tokens < 200
-        assert 32000 not in reply.stream.token_ids
+        reply = remote_reply(remote, "Hello", SamplingParams(temperature=0, max_tokens=200))
+        assert reply.stats.stop_reason == "end_of_turn"
+        assert 0 < reply.stats.completion_tokens < 200
+        assert 32000 not in reply.token_ids
         remote.close()
     finally:
         _stop(process)
@@ -306,12 +309,9 @@ def test_a_real_vllm_gives_the_local_engines_ids(vllm_url: str, distinct_f16: Pa
     assert remote.kind == "openai" and remote.model == "starling-tiny"
     for prompt in PROMPTS:
         assert remote_ids(remote, prompt) == local_ids(distinct_f16, prompt), prompt
-    reply = start_reply(  # type: ignore[arg-type]
-        remote, [Message("user", "Hello")], params=SamplingParams(temperature=0, max_tokens=200)
-    )
-    reply.stream.consume()
-    assert reply.stream.stats.prompt_tokens == len(CARD_SINGLE)
-    assert 32000 not in reply.stream.token_ids
+    reply = remote_reply(remote, "Hello", SamplingParams(temperature=0, max_tokens=200))
+    assert reply.stats.prompt_tokens == len(CARD_SINGLE)
+    assert 32000 not in reply.token_ids
     remote.close()
 
 

@@ -82,7 +82,7 @@ def test_two_conversations_alternating_each_restore_their_own_cache(
     # with the RAM cache and the live KV cache gone, each next turn still evaluates only itself.
     engine = service.engine
     assert isinstance(engine, Engine)
-    service._sequences.clear()
+    service.runner._sequences.clear()
     for name in "AB":
         engine.clear_cache()
         service.send(convs[name], "And finally?")

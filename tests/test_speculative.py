@@ -9,13 +9,14 @@ from pathlib import Path
 import pytest
 
 from starling_local.bench.prompts import default_prompts
-from starling_local.chat.session import start_reply
+from starling_local.bench.speculative import render_file_template
 from starling_local.chat.template import Message
 from starling_local.engine.batch_cost import SIZES, BatchCost
 from starling_local.engine.lookup import DraftPolicy, LookupDrafter, best_draft
 from starling_local.engine.runtime import Engine
 from starling_local.engine.types import GenerationStats, SamplingParams
 from tests.cli_helpers import assert_one_line_error, starling
+from tests.prompting import generate
 
 FLAT = BatchCost((1.0,) * len(SIZES))
 """A machine where a batch of 16 costs one token (drafting always pays): every match drafts."""
@@ -90,7 +91,7 @@ def _reply(
     engine.speculate = speculate
     engine.clear_cache()
     history = [Message("user", "Say it."), Message("assistant", text), Message("user", text)]
-    reply = start_reply(engine, history, params=params)
+    reply = generate(engine, history, params=params)
     reply.stream.consume()
     return reply.stream.token_ids, reply.stream.stats
 
@@ -142,7 +143,7 @@ def test_the_kv_cache_holds_exactly_the_kept_tokens(distinct: Engine, tmp_path: 
     first = [Message("user", TINY_PROMPTS[1])]
     distinct.speculate = True
     distinct.clear_cache()
-    reply = start_reply(distinct, first, params=greedy)
+    reply = generate(distinct, first, params=greedy)
     reply.stream.consume()
     assert reply.stream.stats.draft_tokens > reply.stream.stats.accepted_tokens > 0
     prompt = reply.prompt.tokens
@@ -158,12 +159,12 @@ def test_the_kv_cache_holds_exactly_the_kept_tokens(distinct: Engine, tmp_path: 
         Message("user", "and again"),
     ]
     assert distinct.load_state(state) == cached
-    resumed = start_reply(distinct, second, params=greedy)
+    resumed = generate(distinct, second, params=greedy)
     resumed.stream.consume()
     assert resumed.stream.stats.prompt_evaluated < 20  # only the new turn
     distinct.speculate = False
     distinct.clear_cache()
-    fresh = start_reply(distinct, second, params=greedy)
+    fresh = generate(distinct, second, params=greedy)
     fresh.stream.consume()
     assert resumed.stream.token_ids == fresh.stream.token_ids
 
@@ -191,7 +192,7 @@ def test_a_trained_model_gets_drafts_accepted_and_the_same_reply(smollm2: Engine
     grounded = [p for p in default_prompts() if p.grounded]
     deepest = 0
     for prompt in grounded:
-        tokens = smollm2.render_chat(list(prompt.messages))
+        tokens = render_file_template(smollm2, prompt.messages)
         (plain, _), (fast, stats) = _plain_then_speculative(smollm2, tokens, greedy)
         drafted += stats.draft_tokens
         accepted += stats.accepted_tokens
@@ -208,14 +209,15 @@ def test_exact_deep_in_a_long_conversation(smollm2: Engine) -> None:
         f"    return [item for item in items if item.size < limit][:{i}]"
         for i in range(16)
     )
-    tokens = smollm2.render_chat(
+    tokens = render_file_template(
+        smollm2,
         [
             {
                 "role": "user",
                 "content": f"{code}\n\nRename `limit` to `max_size` everywhere and "
                 "print the whole file.",
             }
-        ]
+        ],
     )
     assert len(tokens) > 600
     greedy = SamplingParams(temperature=0.0, max_tokens=96)

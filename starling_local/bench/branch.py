@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from starling_local.chat.replies import ReplyHooks
+from starling_local.chat.generation import ReplyHooks
 from starling_local.chat.service import ConversationService
 from starling_local.chat.settings import ConversationSettings
 from starling_local.engine.runtime import Engine

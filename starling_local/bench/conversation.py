@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
-from starling_local.chat.session import start_reply
-from starling_local.chat.template import Message
+from starling_local.chat.service import ConversationService
+from starling_local.chat.settings import ConversationSettings
 from starling_local.engine.runtime import Engine
 from starling_local.engine.types import SamplingParams
+from starling_local.store.conversations import ConversationStore
 
 TOPICS = [
     "rivers",
@@ -40,22 +43,31 @@ def user_message(i: int) -> str:
 
 
 def multi_turn(engine: Engine, turns: int = 10, reply_tokens: int = 32) -> list[TurnResult]:
-    """Each turn's prompt is the whole conversation; only the new part should be evaluated."""
+    """A saved conversation, turn by turn as the app runs it (each reply recorded and its KV
+    state file saved): each turn's prompt is the whole conversation, and only the new part
+    should be evaluated."""
     engine.clear_cache()
-    params = SamplingParams(temperature=0.0, max_tokens=reply_tokens, ignore_eos=True)
-    history: list[Message] = []
+    sampling = SamplingParams(temperature=0.0, max_tokens=reply_tokens, ignore_eos=True)
     results = []
     previous = 0
-    for i in range(turns):
-        history.append(Message("user", user_message(i)))
-        reply = start_reply(engine, history, params=params)
-        text = reply.stream.consume()
-        s = reply.stream.stats
-        results.append(
-            TurnResult(
-                i + 1, s.prompt_tokens, s.prompt_evaluated, s.prompt_tokens - previous, s.ttft_s
-            )
-        )
-        previous = s.prompt_tokens + s.completion_tokens
-        history.append(Message("assistant", text, tuple(reply.stream.token_ids)))
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ConversationStore(Path(tmp) / "history.db")
+        service = ConversationService(store, engine, owns_engine=False, kv_root=Path(tmp) / "kv")
+        try:
+            cid: int | None = None
+            for i in range(turns):
+                cid = service.send(cid, user_message(i), ConversationSettings(sampling=sampling)).id
+                s = service.reply(cid).stats
+                results.append(
+                    TurnResult(
+                        i + 1,
+                        s.prompt_tokens,
+                        s.prompt_evaluated,
+                        s.prompt_tokens - previous,
+                        s.ttft_s,
+                    )
+                )
+                previous = s.prompt_tokens + s.completion_tokens
+        finally:
+            service.close()
     return results

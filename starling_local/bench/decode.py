@@ -7,7 +7,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from starling_local.chat.session import start_reply
+from starling_local.chat.prompts import fit_messages
+from starling_local.chat.service import ConversationService, ReplyHooks
+from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Message
 from starling_local.engine.compute import on_compute_thread
 from starling_local.engine.runtime import Engine
@@ -51,20 +53,22 @@ def raw_decode(engine: Engine, prompt: list[int], n: int) -> float:
 
 
 def starling_decode(engine: Engine, n: int, consume: Callable[[str], None] | None = None) -> float:
-    """Decode tokens/s of the path `starling ask` uses (stream text chunks out)."""
-    params = SamplingParams(temperature=0.0, max_tokens=n + 1, ignore_eos=True)
+    """Decode tokens/s of the path `starling ask --no-save` takes (the conversation service,
+    text chunks out)."""
+    settings = ConversationSettings(
+        sampling=SamplingParams(temperature=0.0, max_tokens=n + 1, ignore_eos=True)
+    )
     engine.clear_cache()  # start from an empty cache, like the raw loop
-    reply = start_reply(engine, [Message("user", PROMPT)], params=params)
-    for chunk in reply.stream:
-        if consume is not None:
-            consume(chunk)
-    return reply.stream.stats.decode_tokens_per_s
+    service = ConversationService(None, engine, owns_engine=False)
+    hooks = ReplyHooks(on_text=lambda text, stream: consume(text)) if consume else None
+    outcome = service.answer([Message("user", PROMPT)], settings, hooks=hooks)
+    return outcome.stats.decode_tokens_per_s
 
 
 def compare_decode(engine: Engine, n: int = 128, rounds: int = 5) -> DecodeResult:
     """Best of `rounds` for each, alternating the two so that machine noise hits both alike;
     the ratio is the median of the per-round ratios."""
-    prompt = start_reply(engine, [Message("user", PROMPT)]).prompt.tokens
+    prompt = fit_messages(engine, [Message("user", PROMPT)], ConversationSettings()).tokens
     raw: list[float] = []
     ours: list[float] = []
     for _ in range(rounds):

@@ -1,5 +1,6 @@
 """Resume: TTFT of a reply in a live 2,000-token conversation, after reopening it in a new
-process with its saved KV cache, and after reopening it without (full re-evaluation)."""
+process with its saved KV cache, and after reopening it without (full re-evaluation). Every
+turn runs as the app runs it: a saved conversation, through the conversation service."""
 
 from __future__ import annotations
 
@@ -13,88 +14,82 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from starling_local.chat.kv_cache import ConversationCache
-from starling_local.chat.session import start_reply
-from starling_local.chat.template import Message
+from starling_local.chat.service import ConversationService, ReplyHooks
+from starling_local.chat.settings import ConversationSettings
 from starling_local.engine.runtime import Engine
 from starling_local.engine.types import SamplingParams
+from starling_local.store.conversations import ConversationStore
 
-CONVERSATION_ID = 1
-REPLY = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+QUESTION = "And what happened next?"
+#: The measured reply: a few tokens, for its time to the first one.
+REPLY = {"temperature": 0.0, "max_tokens": 4, "ignore_eos": True}
 
 _TURN_IN_NEW_PROCESS = """
-import json, sys, time
+import json, sys
 from pathlib import Path
-from starling_local.chat.kv_cache import ConversationCache
-from starling_local.chat.session import start_reply
-from starling_local.chat.template import Message
-from starling_local.engine.runtime import Engine
-from starling_local.engine.types import SamplingParams
-model, history_file, root, use_cache = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
-history = [Message(m["role"], m["content"], tuple(m["tokens"]) if m["tokens"] else None)
-           for m in json.loads(Path(history_file).read_text())]
-engine = Engine(model, n_ctx=4096)
-cache = ConversationCache(engine, root=Path(root))
-messages = [*history, Message("user", "And what happened next?")]
-start = time.perf_counter()
-resume = (lambda tokens: cache.restore(1, tokens)) if use_cache else None
-reply = start_reply(engine, messages, params=SamplingParams(temperature=0.0, max_tokens=4,
-                    ignore_eos=True), resume=resume)
-next(iter(reply.stream))
-ttft = time.perf_counter() - start
-reply.stream.consume()
-print(json.dumps({"ttft_s": ttft, "prompt_tokens": reply.stream.stats.prompt_tokens,
-                  "prompt_evaluated": reply.stream.stats.prompt_evaluated}))
+from starling_local.bench.resume import open_service, timed_turn
+service = open_service(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+print(json.dumps(timed_turn(service, int(sys.argv[4]))))
+service.close()
 """
 
 
-def build_history(engine: Engine, target_tokens: int) -> list[Message]:
+def open_service(
+    model: Path, history: Path, kv: Path, engine: Engine | None = None
+) -> ConversationService:
+    """The service the app would open on this history file and state-file folder."""
+    return ConversationService(
+        ConversationStore(history),
+        engine or Engine(model, n_ctx=4096),
+        owns_engine=engine is None,
+        kv_root=kv,
+    )
+
+
+def build_history(service: ConversationService, target_tokens: int) -> int:
     """A conversation of about `target_tokens`, grown turn by turn as a user would."""
-    history: list[Message] = []
+    settings = ConversationSettings(
+        sampling=SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    )
+    cid: int | None = None
     i = 0
-    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
     while True:
-        history.append(
-            Message(
-                "user",
-                f"Chapter {i}: tell me more about the llama who "
-                f"learned to program, and about its friends. " * 3,
-            )
+        text = (
+            f"Chapter {i}: tell me more about the llama who "
+            f"learned to program, and about its friends. " * 3
         )
-        reply = start_reply(engine, history, params=params)
-        reply.stream.consume()
-        history.append(Message("assistant", reply.stream.text, tuple(reply.stream.token_ids)))
+        cid = service.send(cid, text, settings).id
+        s = service.reply(cid).stats
         i += 1
-        if reply.stream.stats.prompt_tokens + reply.stream.stats.completion_tokens >= target_tokens:
-            return history
+        if s.prompt_tokens + s.completion_tokens >= target_tokens:
+            return cid
 
 
-def ttft_live(engine: Engine, history: list[Message], resume: Any = None) -> dict[str, Any]:
-    messages = [*history, Message("user", "And what happened next?")]
+def timed_turn(service: ConversationService, cid: int) -> dict[str, Any]:
+    """The time to the first token of one more turn; the turn is then deleted, leaving the
+    conversation as it was."""
+    question = service.send(cid, QUESTION).messages[-1]
+    first: list[float] = []
+
+    def on_text(text: str, stream: object) -> None:
+        if not first:
+            first.append(time.perf_counter())
+
+    hooks = ReplyHooks(on_text=on_text)
     start = time.perf_counter()
-    reply = start_reply(engine, messages, params=REPLY, resume=resume)
-    next(iter(reply.stream))
-    ttft = time.perf_counter() - start
-    reply.stream.consume()
-    s = reply.stream.stats
+    outcome = service.reply(cid, hooks=hooks, overrides=REPLY)
+    service.delete_pair(cid, question.id)
+    s = outcome.stats
     return {
-        "ttft_s": ttft,
+        "ttft_s": first[0] - start,
         "prompt_tokens": s.prompt_tokens,
         "prompt_evaluated": s.prompt_evaluated,
     }
 
 
-def _in_new_process(model: Path, history_file: Path, root: Path, use_cache: bool) -> Any:
+def _in_new_process(model: Path, history: Path, kv: Path, cid: int) -> Any:
     out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            _TURN_IN_NEW_PROCESS,
-            str(model),
-            str(history_file),
-            str(root),
-            "1" if use_cache else "0",
-        ],
+        [sys.executable, "-c", _TURN_IN_NEW_PROCESS, str(model), str(history), str(kv), str(cid)],
         check=True,
         capture_output=True,
         text=True,
@@ -104,36 +99,31 @@ def _in_new_process(model: Path, history_file: Path, root: Path, use_cache: bool
 
 def resume_figures(model: Path, target_tokens: int = 2000) -> dict[str, Any]:
     engine = Engine(model, n_ctx=4096)
-    history = build_history(engine, target_tokens)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        cache = ConversationCache(engine, root=root)
-        state_bytes = cache.save(CONVERSATION_ID)
+        history, kv = Path(tmp) / "history.db", Path(tmp) / "kv"
+        service = open_service(model, history, kv, engine)
+        cid = build_history(service, target_tokens)
+        (path,) = kv.glob(f"*/conversation-{cid}.kv")
+        pristine = path.read_bytes()  # each turn below saves the file again: put it back
+        state_bytes = len(pristine)
         snapshot = engine.snapshot()
-        live = ttft_live(engine, history)
-        # The same live turn as a saved conversation's turn runs it: with its state file on
-        # disk. The file is read only if it covers more than the live cache (here: none of
-        # it); before, every turn loaded the whole file ("forced").
-        read: list[int] = []
         assert snapshot is not None
-        engine.restore(snapshot)
+        # The live turn, with its state file on disk: the file is read only if it covers more
+        # than the live cache (here: none of it). Before, every turn loaded the whole file.
+        read: list[int] = []
         with _counting_reads(read):
-            checked = ttft_live(engine, history, lambda t: cache.restore(CONVERSATION_ID, t))
+            live = timed_turn(service, cid)
         engine.restore(snapshot)
-        path = cache.path_for(CONVERSATION_ID)
-        forced = ttft_live(engine, history, lambda t: engine.load_state(path))
+        path.write_bytes(pristine)
+        start = time.perf_counter()
+        engine.load_state(path)
+        loading = time.perf_counter() - start
+        forced = timed_turn(service, cid)
+        service.close()
         engine.close()
-        history_file = root / "history.json"
-        history_file.write_text(
-            json.dumps(
-                [
-                    {"role": m.role, "content": m.content, "tokens": list(m.tokens or [])}
-                    for m in history
-                ]
-            )
-        )
-        reopened = _in_new_process(model, history_file, root, use_cache=True)
-        full = _in_new_process(model, history_file, root, use_cache=False)
+        path.write_bytes(pristine)
+        reopened = _in_new_process(model, history, kv, cid)
+        full = _in_new_process(model, history, Path(tmp) / "no-state-files", cid)
     return {
         "conversation_tokens": live["prompt_tokens"],
         "state_file_bytes": state_bytes,
@@ -143,9 +133,9 @@ def resume_figures(model: Path, target_tokens: int = 2000) -> dict[str, Any]:
         "reopened_vs_live": reopened["ttft_s"] / live["ttft_s"],
         "full_vs_reopened": full["ttft_s"] / reopened["ttft_s"],
         "live_with_state_file": {
-            **checked,
+            **live,
             "state_bytes_read": sum(read),
-            "before_ttft_s": forced["ttft_s"],
+            "before_ttft_s": loading + forced["ttft_s"],
             "before_state_bytes_read": state_bytes,
         },
     }

@@ -4,6 +4,7 @@ batch-cost curves that decide whether drafting pays."""
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from starling_local.bench.prompts import BenchPrompt
 from starling_local.engine.batch_cost import MOST_EXACT, BatchCost
 from starling_local.engine.lookup import best_draft
 from starling_local.engine.runtime import Engine
-from starling_local.engine.types import SamplingParams
+from starling_local.engine.types import EngineError, SamplingParams
 from starling_local.gguf.info import read_gguf
 
 #: Starling's vocabulary: 32,000 Mistral tokens, `<|end_of_turn|>` and `<|pad_0|>`.
@@ -42,13 +43,34 @@ class PromptRun:
 
 def prompt_tokens(engine: Engine, prompt: BenchPrompt, starling: bool) -> list[int]:
     if not starling:
-        return engine.render_chat(list(prompt.messages))
-    from starling_local.chat.session import build_prompt
+        return render_file_template(engine, prompt.messages)
+    from starling_local.chat.prompts import fit_messages
+    from starling_local.chat.settings import ConversationSettings
     from starling_local.chat.template import Message, Role
 
     roles: dict[str, Role] = {"system": "system", "user": "user", "assistant": "assistant"}
     messages = [Message(roles[m["role"]], m["content"]) for m in prompt.messages]
-    return build_prompt(engine, messages).tokens
+    return fit_messages(engine, messages, ConversationSettings()).tokens
+
+
+def render_file_template(engine: Engine, messages: Sequence[dict[str, str]]) -> list[int]:
+    """The prompt tokens of `messages` in the GGUF's own chat template, for the trained
+    models that are not Starling (Starling's turns are built token-exactly by
+    `chat.template`)."""
+    import jinja2
+    import jinja2.sandbox
+
+    template = engine.info.chat_template
+    if not template:
+        raise EngineError(f"{engine.path}: the file has no chat template")
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        text = env.from_string(template).render(
+            messages=list(messages), add_generation_prompt=True, bos_token="", eos_token=""
+        )
+    except jinja2.TemplateError as exc:
+        raise EngineError(f"{engine.path}: its chat template failed: {exc}") from exc
+    return engine.tokenize(text, bos=True, special=True)
 
 
 def _timed(engine: Engine, tokens: list[int], max_tokens: int) -> tuple[list[int], float, Any]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from starling_local.chat.context import FittedPrompt
-from starling_local.chat.session import build_prompt
+from starling_local.chat.context import FittedPrompt, fit_prompt
 from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Message, render_segments, segments_to_text
 from starling_local.engine.interface import EngineLike
+from starling_local.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -25,13 +25,20 @@ class PromptPreview:
 def fit_messages(
     engine: EngineLike, messages: Sequence[Message], settings: ConversationSettings
 ) -> FittedPrompt:
-    """The token-exact prompt for `messages`, trimmed to the engine's context window."""
-    return build_prompt(
-        engine,
+    """The token-exact prompt for `messages`, trimmed to the engine's context window. A
+    conversation that ends with a reply gets that reply continued."""
+    if not messages or messages[-1].role not in ("user", "assistant"):
+        raise UsageError("a reply needs a conversation that ends with a user message")
+    if not messages[-1].content.strip() and not messages[-1].tokens:
+        raise UsageError("the message is empty")
+    return fit_prompt(
         messages,
+        engine.tokenize_text,
+        n_ctx=engine.n_ctx,
+        reserve=settings.sampling.max_tokens,
         system=settings.system,
         style=settings.style,
-        max_tokens=settings.sampling.max_tokens,
+        continue_last=messages[-1].role == "assistant",
     )
 
 

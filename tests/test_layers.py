@@ -20,18 +20,18 @@ BASE_TABLE: dict[str, set[str]] = {
     "errors": set(),
     "vocab": set(),
     "paths": set(),
-    "config": {"paths"},
+    "config": {"paths", "errors"},
     "files": {"errors"},
     "progress": {"files"},
     "gguf": {"errors", "vocab", "files"},
-    "llamacpp": set(),
+    "llamacpp": {"config"},
 }
 BASE = set(BASE_TABLE) - {"__init__"}
 
 #: The layers, top to bottom, and what each may import (besides itself).
 LAYER_TABLE: dict[str, set[str]] = {
-    "store": {"errors", "paths"},
-    "engine": {"errors", "paths", "vocab", "files", "gguf", "llamacpp"},
+    "store": {"errors", "paths", "config"},
+    "engine": {"errors", "paths", "config", "vocab", "files", "gguf", "llamacpp"},
     "acquire": BASE,
     "chat": {"engine", "store", "acquire"} | BASE,
     "tui": {"chat", "engine", "store", "acquire"} | BASE,

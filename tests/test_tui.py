@@ -8,7 +8,7 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -75,8 +75,10 @@ def roles(app: StarlingApp) -> list[str]:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ConversationStore:
-    return ConversationStore(tmp_path / "tui.db")
+def store(tmp_path: Path) -> Iterator[ConversationStore]:
+    store = ConversationStore(tmp_path / "tui.db")
+    yield store
+    store.close()
 
 
 async def test_send_streams_a_reply_and_saves_it(
@@ -534,7 +536,7 @@ async def test_speculative_decoding_toggle_reloads_and_is_kept(
     """The palette's toggle turns speculative decoding on (the model reloads with flash
     attention and a q8_0 KV cache, which make it exact on a CPU), the status shows the drafts
     kept, and the choice is saved for the next start."""
-    from starling_local.config import load_config
+    from starling_local.config import preferences
     from starling_local.engine.runtime import Engine
 
     app = StarlingApp(model=str(distinct_q8), store=store, n_ctx=2048)
@@ -547,7 +549,7 @@ async def test_speculative_decoding_toggle_reloads_and_is_kept(
         engine = app.service.engine
         assert isinstance(engine, Engine) and engine.speculate and engine.flash_attn
         assert engine.kv_type == ("q8_0" if engine.backend == "CPU" else "f16")
-        assert load_config()["speculate"] is True
+        assert preferences().speculate is True
         s.settings = s.settings.with_sampling(temperature=0.0, max_tokens=200)
         await send(pilot, app, "1 2 3 4 5 1 2 3 4 5 1 2 3 4 5 1 2 3")
         await until(pilot, lambda: "drafts" in str(s.status.render()))

@@ -23,6 +23,7 @@ from starling_local.acquire.catalog import (
     parse_model_ref,
 )
 from starling_local.acquire.quantize import DEFAULT_QUANT
+from starling_local.config import environment, preferences, save_preferences
 from starling_local.errors import StarlingError, UsageError
 from starling_local.paths import ensure, get_paths
 
@@ -154,19 +155,14 @@ class ModelLibrary:
 
     def default_name(self) -> str | None:
         """The model chosen as the default (`set_default`), if any."""
-        from starling_local.config import load_config
-
-        name = load_config().get("default_model")
-        return name if isinstance(name, str) else None
+        return preferences().default_model
 
     def set_default(self, name: str) -> LibraryEntry:
         """Make a library model the one used when none is named."""
-        from starling_local.config import save_config
-
         entry = self.find(name)
         if entry is None:
             raise UsageError(f"no model named {name!r} in the library (see `starling models`)")
-        save_config(default_model=entry.name)
+        save_preferences(default_model=entry.name)
         return entry
 
     def remove(self, name: str) -> LibraryEntry:
@@ -191,7 +187,7 @@ def resolve_model(spec: str | None) -> Path:
     Accepts a path, a library name (`starling-lm-7b-beta:Q5_K_M` or `starling-lm-7b-beta`), or
     nothing (`$STARLING_MODEL`, then the library's default model).
     """
-    spec = spec or os.environ.get("STARLING_MODEL") or None
+    spec = spec or environment().model
     library = ModelLibrary()
     if not spec:
         chosen = library.default_name()

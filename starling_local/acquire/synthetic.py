@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 import zlib
@@ -21,6 +20,7 @@ import numpy as np
 import numpy.typing as npt
 
 from starling_local.acquire.safetensors_io import to_bf16_bits, write_safetensors
+from starling_local.config import environment
 from starling_local.errors import StarlingError
 from starling_local.gguf.info import OPENCHAT_TEMPLATE
 from starling_local.progress import Progress
@@ -74,9 +74,9 @@ class SyntheticError(StarlingError):
 def mistral_tokenizer_model() -> Path:
     """The Mistral v1 `tokenizer.model` shipped inside the `mistral-common` wheel
     (or the file `STARLING_MISTRAL_TOKENIZER` names)."""
-    override = os.environ.get("STARLING_MISTRAL_TOKENIZER")
-    if override:
-        return Path(override)
+    override = environment().mistral_tokenizer
+    if override is not None:
+        return override
     spec = importlib.util.find_spec("mistral_common")
     if spec is None or not spec.submodule_search_locations:
         raise SyntheticError(

@@ -12,7 +12,7 @@ from typing import Any
 from starling_local.bench.prompts import BenchPrompt
 from starling_local.engine.batch_cost import MOST_EXACT, BatchCost
 from starling_local.engine.lookup import best_draft
-from starling_local.engine.runtime import Engine
+from starling_local.engine.runtime import ChatFormat, Engine
 from starling_local.engine.types import EngineError, SamplingParams
 from starling_local.gguf.info import read_gguf
 
@@ -175,12 +175,13 @@ def speculative_figures(
     """Every prompt plain and speculative; totals over the grounded ones (and the open ones
     apart, unless the set is the user's own: then the grounded ones are the total)."""
     starling = read_gguf(path).vocab_size == _STARLING_VOCAB
+    fmt: ChatFormat = "starling" if starling else "file"
     # Constructed speculating: the attention it then uses (see `default_attention`) serves
     # both runs, so the comparison is of the decoding alone.
-    engine = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers, starling=starling, speculate=True)
+    engine = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers, chat_format=fmt, speculate=True)
     # And what a user switching `--speculate` on compares with: plain decoding under the
     # default settings, run right after each prompt's pair (machine noise drifts over minutes).
-    default = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers, starling=starling)
+    default = Engine(path, n_ctx=4096, n_gpu_layers=n_gpu_layers, chat_format=fmt)
     defaults = {"flash_attn": default.flash_attn, "kv_type": default.kv_type}
     plain: Engine | None = default
     try:

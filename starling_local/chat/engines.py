@@ -3,10 +3,10 @@ remote engine (`--remote URL`). The one place both are made; the front end owns 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from starling_local.config import environment
 from starling_local.engine.interface import EngineLike
 
 
@@ -34,10 +34,11 @@ class EngineSpec:
         """Fill what was not given from `STARLING_REMOTE` and `STARLING_REMOTE_API_KEY`."""
         from dataclasses import replace
 
+        env = environment()
         return replace(
             self,
-            remote=self.remote or os.environ.get("STARLING_REMOTE") or None,
-            remote_api_key=self.remote_api_key or os.environ.get("STARLING_REMOTE_API_KEY"),
+            remote=self.remote or env.remote,
+            remote_api_key=self.remote_api_key or env.remote_api_key,
         )
 
 

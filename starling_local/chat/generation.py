@@ -85,7 +85,7 @@ def run_reply(
     it goes. A stop string ends the reply (stop reason `stop`) and is never shown or kept.
     The reply's row is made only once generation is accepted (the prompt fits...), so a
     refused reply leaves no empty incomplete message behind."""
-    stream = engine.generate(prompt, sampling, cancel, stop_ids=stop_ids, reply=not raw)
+    stream = engine.generate(prompt, sampling, cancel, stop_ids=stop_ids, raw=raw)
     matcher = StopMatcher(stop)
     recorder = record() if record is not None else None
     message_id = recorder.message_id if recorder else None
@@ -124,7 +124,7 @@ def run_reply(
         recorder.finish(stream, error, text=matcher.text, exact=not matcher.stopped)
     ids = list(stream.token_ids)
     if matcher.stopped:  # the ids of the text kept, not of the stop string after it
-        ids = ids[: _ids_within(engine, ids, len(matcher.text), strip=not raw)]
+        ids = ids[: _ids_within(engine, ids, len(matcher.text), raw)]
     return ReplyOutcome(
         conversation_id,
         message_id,
@@ -140,9 +140,9 @@ def run_reply(
     )
 
 
-def _ids_within(engine: EngineLike, ids: Sequence[int], chars: int, strip: bool) -> int:
+def _ids_within(engine: EngineLike, ids: Sequence[int], chars: int, raw: bool) -> int:
     """How many of `ids` make up no more than the first `chars` characters of their text."""
-    decoder = ReplyDecoder(engine.token_bytes, strip)
+    decoder = ReplyDecoder(engine.token_bytes, raw)
     length = 0
     for n, token in enumerate(ids):
         length += len(decoder.push(token))

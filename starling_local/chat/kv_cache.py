@@ -14,10 +14,9 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from starling_local.config import environment
 from starling_local.engine.interface import EngineLike
 from starling_local.paths import get_paths
-
-DEFAULT_CAP_BYTES = 4 << 30
 
 
 def cache_root() -> Path:
@@ -25,8 +24,7 @@ def cache_root() -> Path:
 
 
 def cap_bytes() -> int:
-    value = os.environ.get("STARLING_KV_CACHE_MB")
-    return int(value) << 20 if value and value.isdigit() else DEFAULT_CAP_BYTES
+    return environment().kv_cache_bytes
 
 
 class ConversationCache:

@@ -8,24 +8,22 @@ that continues one of the copies gets it back, and only its new tokens are evalu
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import replace
 
 from starling_local.chat.template import Message
+from starling_local.config import environment
 from starling_local.engine.interface import EngineLike
 from starling_local.engine.types import KVSnapshot
 
-DEFAULT_CAP_BYTES = 2 << 30
 #: A cache that would lose fewer tokens than this is not worth copying.
 MIN_WORTH = 32
 
 
 def cap_bytes() -> int:
-    value = os.environ.get("STARLING_SEQUENCE_CACHE_MB")
-    return int(value) << 20 if value and value.isdigit() else DEFAULT_CAP_BYTES
+    return environment().sequence_cache_bytes
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from starling_local.cli.common import (
     positive_int,
     read_stdin_text,
 )
+from starling_local.config import environment
 from starling_local.errors import StarlingError, UsageError
 
 if TYPE_CHECKING:  # the chat layer is imported when a command runs: `starling --help` stays fast
@@ -216,7 +216,7 @@ def run_ask(args: argparse.Namespace) -> int:
         args, settings_of(conversation) if conversation else ConversationSettings()
     )
     try:
-        chosen = args.model or os.environ.get("STARLING_MODEL") or _saved_model(conversation)
+        chosen = args.model or environment().model or _saved_model(conversation)
         engine, name = open_engine(engine_spec(args, chosen))
     except BaseException:
         if store is not None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starling_local.errors import UsageError
+
+if TYPE_CHECKING:
+    from starling_local.chat.engines import EngineSpec
 
 
 def add_model_option(parser: argparse.ArgumentParser, required: bool = False) -> None:
@@ -83,7 +86,7 @@ def add_remote_options(parser: argparse.ArgumentParser, key_flags: tuple[str, ..
     )
 
 
-def engine_spec(args: argparse.Namespace, model: str | None = None) -> Any:
+def engine_spec(args: argparse.Namespace, model: str | None = None) -> EngineSpec:
     """The engine the command line asks for (see `chat.engines.EngineSpec`)."""
     from starling_local.chat.engines import EngineSpec
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import sys
 import threading
 from dataclasses import replace
@@ -19,6 +18,7 @@ from starling_local.cli.common import (
     engine_spec,
     positive_int,
 )
+from starling_local.config import environment
 
 
 def register(sub: Any) -> None:
@@ -103,7 +103,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from starling_local.server.http import make_server
     from starling_local.store.conversations import ConversationStore
 
-    key = args.api_key or os.environ.get("STARLING_API_KEY") or None
+    key = args.api_key or environment().api_key
     if not is_loopback(args.host) and key is None:
         print(
             f"starling: warning: serving on {args.host} without an API key: anyone who can reach "

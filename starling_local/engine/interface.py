@@ -18,6 +18,8 @@ class EngineLike(Protocol):
     n_ctx: int
     cpu_threads: int
     """CPU threads of this machine kept busy while generating (0: it runs elsewhere)."""
+    speculate: bool
+    """Drafts from the conversation are verified as each step decodes (local engines only)."""
 
     @property
     def closed(self) -> bool: ...
@@ -42,6 +44,6 @@ class EngineLike(Protocol):
         cancel: threading.Event | None = None,
         *,
         stop_ids: Iterable[int] = (),
-        reply: bool = True,
+        raw: bool = False,
     ) -> EngineStream: ...
     def close(self) -> None: ...

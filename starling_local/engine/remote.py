@@ -72,6 +72,7 @@ class RemoteEngine:
         self.path = Path(f"{self.url}/{self.model}")
         self.model_key = "remote"
         self.cpu_threads = 0  # generation runs elsewhere
+        self.speculate = False  # the remote server decides how it decodes
         self.vocab_size = self._vocab.vocab_size
 
     # --- connecting -----------------------------------------------------------------------
@@ -192,7 +193,7 @@ class RemoteEngine:
         cancel: threading.Event | None = None,
         *,
         stop_ids: Iterable[int] = (),
-        reply: bool = True,
+        raw: bool = False,
     ) -> EngineStream:
         params = params or SamplingParams()
         if self._closed:
@@ -203,7 +204,7 @@ class RemoteEngine:
         ends = frozenset() if params.ignore_eos else END_IDS
         stops = frozenset(stop_ids) | ends
         stream._chunks = self._run(
-            list(tokens), params, cancel or threading.Event(), stream, stops, reply
+            list(tokens), params, cancel or threading.Event(), stream, stops, raw
         )
         return stream
 
@@ -276,13 +277,13 @@ class RemoteEngine:
         cancel: threading.Event,
         stream: EngineStream,
         stops: frozenset[int],
-        reply: bool,
+        raw: bool,
     ) -> Iterator[str]:
         stats = stream.stats
         if params.prompt_logprobs is not None:
             raise RemoteError("prompt logprobs (echo) are not passed on to a remote engine")
         path, body = self._request(tokens, params, stops)
-        decoder = ReplyDecoder(self._vocab.token_bytes, strip=reply)
+        decoder = ReplyDecoder(self._vocab.token_bytes, raw)
         with self._lock:
             if self._closed:
                 raise EngineError("the remote engine has been closed")

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from starling_local.engine.attention import KV_TYPES, default_attention
 from starling_local.engine.batch_cost import BatchCost
@@ -48,6 +48,9 @@ PREFILL_CHUNK = 256
 RANDOM_SEED = 0xFFFFFFFF
 DEFAULT_CTX = 8192
 
+ChatFormat = Literal["starling", "file"]
+"""`starling`: turns end at `<|end_of_turn|>` whatever the file says; `file`: as the file says."""
+
 
 def model_key(path: Path) -> str:
     """Identifies a model file (path, size, modification time) for KV state files."""
@@ -74,12 +77,13 @@ class Engine:
         vocab_only: bool = False,
         on_progress: Callable[[float], None] | None = None,
         speculate: bool = False,
-        starling: bool = True,
+        chat_format: ChatFormat = "starling",
         flash_attn: bool | None = None,
         kv_type: str | None = None,
     ) -> None:
-        """`starling=False` runs another llama-architecture GGUF as its file says (its own eos
-        and chat template, see `render_chat`): for benchmarks that need a trained model."""
+        """`chat_format="file"` runs another llama-architecture GGUF as the file says (its own
+        eos and chat template): for benchmarks that need a trained model."""
+        starling = chat_format == "starling"
         self.info: GGUFInfo = check_runnable(model_path, starling=starling)
         self.path = self.info.path
         # `_context` guards the llama.cpp context (its KV cache): held by a generation for its
@@ -196,9 +200,9 @@ class Engine:
         with self._model:
             return bytes(self._open_llm().detokenize([token]))
 
-    def reply_decoder(self, strip: bool = True) -> ReplyDecoder:
+    def reply_decoder(self, raw: bool = False) -> ReplyDecoder:
         """A decoder of this model's reply tokens."""
-        return ReplyDecoder(self.token_bytes, strip)
+        return ReplyDecoder(self.token_bytes, raw)
 
     def tokenize(self, text: str, *, bos: bool = False, special: bool = False) -> list[int]:
         """Tokenize `text`; `special` parses control-token texts such as `<|end_of_turn|>`."""
@@ -245,17 +249,18 @@ class Engine:
         cancel: threading.Event | None = None,
         *,
         stop_ids: Iterable[int] = (),
-        reply: bool = True,
+        raw: bool = False,
     ) -> EngineStream:
         """Stream a reply to the prompt `tokens` (which start with BOS). The generation starts
         (and waits for any other one to end) when the stream is first iterated. `stop_ids` end
-        it too (stop reason `stop`); `reply=False` keeps a leading space (raw completions)."""
+        it too (stop reason `stop`); `raw` keeps a leading space (raw completions, a reply
+        continued mid-text)."""
         params = params or SamplingParams()
         if self._closing:
             raise EngineClosedError("the model has been unloaded")
         stream = EngineStream.starting(tokens, self.n_ctx)
         stream._chunks = self._run(
-            list(tokens), params, cancel or threading.Event(), stream, frozenset(stop_ids), reply
+            list(tokens), params, cancel or threading.Event(), stream, frozenset(stop_ids), raw
         )
         return stream
 
@@ -266,7 +271,7 @@ class Engine:
         cancel: threading.Event,
         stream: EngineStream,
         stop_ids: frozenset[int],
-        reply: bool,
+        raw: bool,
     ) -> Iterator[str]:
         stats = stream.stats
         with self._context:
@@ -276,7 +281,7 @@ class Engine:
             with self._state:
                 self._active = (cancel, stream._chunks)
             try:
-                yield from self._decode(llm, tokens, params, cancel, stream, stop_ids, reply)
+                yield from self._decode(llm, tokens, params, cancel, stream, stop_ids, raw)
             except GeneratorExit:  # closed from outside (see `close`)
                 stats.stop_reason = "cancelled"
                 raise
@@ -292,14 +297,14 @@ class Engine:
         cancel: threading.Event,
         stream: EngineStream,
         extra_stop_ids: frozenset[int],
-        reply: bool,
+        raw: bool,
     ) -> Iterator[str]:
         stats = stream.stats
         # The last prompt token is always evaluated again: its logits give the first token.
         reuse = min(self._cached_prefix(tokens), len(tokens) - 1)
         stats.prompt_evaluated = len(tokens) - reuse
         budget = min(params.max_tokens, self.n_ctx - len(tokens))
-        decoder = self.reply_decoder(strip=reply)
+        decoder = self.reply_decoder(raw)
         end_ids = frozenset() if params.ignore_eos else self._stop_ids
         llm.set_seed(RANDOM_SEED if params.seed is None else params.seed & 0xFFFFFFFF)
         t0 = time.perf_counter()

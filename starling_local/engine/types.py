@@ -147,13 +147,13 @@ class EngineStream:
 
 class ReplyDecoder:
     """Token ids -> reply text: only whole UTF-8 characters (a character may span several byte
-    tokens), without the leading space the template's `Assistant:` leaves to the model (unless
-    `strip` is False: raw completions keep it)."""
+    tokens), without the leading space the template's `Assistant:` leaves to the model (`raw`
+    keeps it: raw completions, and a reply continued mid-text)."""
 
-    def __init__(self, piece: Callable[[int], bytes], strip: bool = True) -> None:
+    def __init__(self, piece: Callable[[int], bytes], raw: bool = False) -> None:
         self._piece = piece
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self._started = not strip
+        self._started = raw
 
     def push(self, token: int) -> str:
         text: str = self._utf8.decode(self._piece(token))

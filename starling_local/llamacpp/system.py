@@ -118,11 +118,11 @@ def extra_buffers_enabled() -> bool:
     AMX without enabling it, and a build made with -march=native on such a CPU always contains
     them. So when the build has AMX, extra buffers are off unless STARLING_CPU_EXTRA_BUFFERS=1.
     """
-    setting = os.environ.get("STARLING_CPU_EXTRA_BUFFERS", "auto").lower()
-    if setting in ("1", "on", "true", "yes"):
-        return True
-    if setting in ("0", "off", "false", "no"):
-        return False
+    from starling_local.config import environment
+
+    setting = environment().cpu_extra_buffers
+    if setting != "auto":
+        return setting == "on"
     import llama_cpp
 
     info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")

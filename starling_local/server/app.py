@@ -49,13 +49,13 @@ from starling_local.server.protocol import (
     ChatRequest,
     CompletionRequest,
     Generation,
-    bad,
+    invalid,
     parse_chat,
     parse_completion,
     parse_json,
 )
 from starling_local.server.responses import ChatFormatter, CompletionFormatter, Formatter, usage
-from starling_local.server.run import Call, Piece, Run
+from starling_local.server.run import Call, Piece, WorkerReply
 
 OWNER = "starling-local"
 #: The most token ids a request may send (a prompt, /detokenize), and characters to tokenize:
@@ -170,11 +170,11 @@ class StarlingServer:
         with self._admit_lock:
             self._admitted -= 1
 
-    def start(self, request: Request, call: Call) -> Run:
+    def start(self, request: Request, call: Call) -> WorkerReply:
         """Admit a request (or 429) and start its generation in a worker thread."""
         self.admit()
         try:
-            return Run(request, call, self.release)
+            return WorkerReply(request, call, self.release)
         except BaseException:
             self.release()
             raise
@@ -203,9 +203,9 @@ def _as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ContextOverflowError):
-        return bad(str(exc), "messages", "context_length_exceeded")
+        return invalid(str(exc), "messages", "context_length_exceeded")
     if isinstance(exc, UsageError | GrammarError):
-        return bad(str(exc))
+        return invalid(str(exc))
     if isinstance(exc, ServiceClosedError | EngineClosedError):
         return APIError(503, "the server is shutting down", kind="server_error", code="shutdown")
     if isinstance(exc, RemoteError):
@@ -228,7 +228,7 @@ def _cap_text(text: str, what: str) -> None:
 def _check_bias(generation: Generation, vocab_size: int) -> None:
     for token, _ in generation.settings.sampling.logit_bias:
         if not 0 <= token < vocab_size:
-            raise bad(f"'logit_bias': token id {token} is not in the vocabulary", "logit_bias")
+            raise invalid(f"'logit_bias': token id {token} is not in the vocabulary", "logit_bias")
 
 
 def _with_tool_call(req: ChatRequest) -> None:
@@ -236,11 +236,13 @@ def _with_tool_call(req: ChatRequest) -> None:
     functions = req.called_functions()
     settings = req.generation.settings
     if settings.sampling.grammar is not None:
-        raise bad("'response_format' and a demanded tool call cannot be combined", "tool_choice")
+        raise invalid(
+            "'response_format' and a demanded tool call cannot be combined", "tool_choice"
+        )
     try:
         grammar = call_grammar(functions)
     except GrammarError as exc:
-        raise bad(str(exc), "tools", "unsupported_schema") from None
+        raise invalid(str(exc), "tools", "unsupported_schema") from None
     system = "\n\n".join(s for s in (settings.system, describe(functions)) if s)
     req.generation.settings = replace(settings, system=system).with_sampling(grammar=grammar)
 
@@ -249,11 +251,11 @@ def make_app(server: StarlingServer) -> Starlette:
     """The ASGI application."""
 
     def endpoint(
-        handler: Callable[[Request], Any], *, open_: bool = False
+        handler: Callable[[Request], Any], *, public: bool = False
     ) -> Callable[[Request], Any]:
         async def wrapped(request: Request) -> Response:
             try:
-                if not open_:
+                if not public:
                     server.check_auth(request)
                 response: Response = await handler(request)
                 return response
@@ -343,7 +345,7 @@ def make_app(server: StarlingServer) -> Starlette:
             try:
                 check(grammar)
             except StarlingError as exc:
-                raise bad(str(exc), "structured_outputs", "bad_grammar") from None
+                raise invalid(str(exc), "structured_outputs", "bad_grammar") from None
         if req.prompt_ids is not None:
             _cap_ids(req.prompt_ids, "prompt")
             tokens = req.prompt_ids
@@ -394,7 +396,7 @@ def make_app(server: StarlingServer) -> Starlette:
         else:
             text = body.get("content", body.get("prompt"))
             if not isinstance(text, str):
-                raise bad("send 'content' (or 'prompt') as a string, or 'messages'", "content")
+                raise invalid("send 'content' (or 'prompt') as a string, or 'messages'", "content")
             _cap_text(text, "content")
             special = body.get("add_special", body.get("add_special_tokens", False))
             tokens = await run_in_threadpool(engine.tokenize, text, bos=bool(special), special=True)
@@ -407,14 +409,14 @@ def make_app(server: StarlingServer) -> Starlette:
         if not isinstance(tokens, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in tokens
         ):
-            raise bad("'tokens' must be a list of token ids", "tokens")
+            raise invalid("'tokens' must be a list of token ids", "tokens")
         _cap_ids(tokens, "tokens")
         if any(not 0 <= t < engine.vocab_size for t in tokens):
-            raise bad("a token id is not in the vocabulary", "tokens")
+            raise invalid("a token id is not in the vocabulary", "tokens")
         text = await run_in_threadpool(engine.detokenize, tokens)
         return JSONResponse({"content": text, "prompt": text})
 
-    routes = [Route("/health", endpoint(health, open_=True), methods=["GET"])]
+    routes = [Route("/health", endpoint(health, public=True), methods=["GET"])]
     # Every API route also answers without the /v1 prefix, as llama-server's do.
     for prefix in ("/v1", ""):
         routes += [

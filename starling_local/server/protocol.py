@@ -58,7 +58,7 @@ class APIError(Exception):
         }
 
 
-def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
 
 
@@ -74,11 +74,11 @@ def parse_json(raw: bytes) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise bad(f"the body is not valid JSON: {exc}") from None
+        raise invalid(f"the body is not valid JSON: {exc}") from None
     except RecursionError:
-        raise bad(f"the body nests deeper than {MAX_DEPTH} levels") from None
+        raise invalid(f"the body nests deeper than {MAX_DEPTH} levels") from None
     if not isinstance(data, dict):
-        raise bad("the body must be a JSON object")
+        raise invalid("the body must be a JSON object")
     cleaned: dict[str, Any] = _clean(data)
     return cleaned
 
@@ -99,7 +99,7 @@ def _clean(data: Any) -> Any:
             parent[key] = _text(value)
         elif isinstance(value, dict | list):
             if depth >= MAX_DEPTH:
-                raise bad(f"the body nests deeper than {MAX_DEPTH} levels")
+                raise invalid(f"the body nests deeper than {MAX_DEPTH} levels")
             if isinstance(value, dict):
                 fixed = {_text(k): v for k, v in value.items()}
                 parent[key] = fixed
@@ -117,9 +117,9 @@ def _number(body: dict[str, Any], key: str, low: float, high: float) -> float | 
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise bad(f"'{key}' must be a number", key)
+        raise invalid(f"'{key}' must be a number", key)
     if not low <= value <= high:
-        raise bad(f"'{key}' must be between {low:g} and {high:g}", key)
+        raise invalid(f"'{key}' must be between {low:g} and {high:g}", key)
     return float(value)
 
 
@@ -128,9 +128,9 @@ def _integer(body: dict[str, Any], key: str, low: int, high: int = 2**31 - 1) ->
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise bad(f"'{key}' must be an integer", key)
+        raise invalid(f"'{key}' must be an integer", key)
     if not low <= value <= high:
-        raise bad(f"'{key}' must be between {low} and {high}", key)
+        raise invalid(f"'{key}' must be between {low} and {high}", key)
     return value
 
 
@@ -139,7 +139,7 @@ def _flag(body: dict[str, Any], key: str) -> bool:
     if value is None:  # null means "not set", for every optional field
         return False
     if not isinstance(value, bool):
-        raise bad(f"'{key}' must be true or false", key)
+        raise invalid(f"'{key}' must be true or false", key)
     return value
 
 
@@ -149,9 +149,9 @@ def _stops(body: dict[str, Any]) -> list[str]:
         return []
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise bad("'stop' must be a string or a list of strings", "stop")
+        raise invalid("'stop' must be a string or a list of strings", "stop")
     if len(stops) > MAX_STOPS:
-        raise bad(f"at most {MAX_STOPS} stop strings", "stop")
+        raise invalid(f"at most {MAX_STOPS} stop strings", "stop")
     return [s for s in stops if s]
 
 
@@ -159,7 +159,7 @@ def _token_ids(value: Any, key: str) -> list[int]:
     if not isinstance(value, list) or not all(
         isinstance(t, int) and not isinstance(t, bool) for t in value
     ):
-        raise bad(f"'{key}' must be a list of token ids", key)
+        raise invalid(f"'{key}' must be a list of token ids", key)
     return list(value)
 
 
@@ -187,15 +187,15 @@ def _logit_bias(body: dict[str, Any]) -> tuple[tuple[int, float], ...]:
     if value is None:
         return ()
     if not isinstance(value, dict):
-        raise bad("'logit_bias' must map token ids to numbers", "logit_bias")
+        raise invalid("'logit_bias' must map token ids to numbers", "logit_bias")
     if len(value) > MAX_LOGIT_BIAS:
-        raise bad(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens", "logit_bias")
+        raise invalid(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens", "logit_bias")
     out = []
     for key, bias in value.items():
         if not (isinstance(key, str) and key.isdigit()):
-            raise bad(f"'logit_bias': {key!r} is not a token id", "logit_bias")
+            raise invalid(f"'logit_bias': {key!r} is not a token id", "logit_bias")
         if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
-            raise bad("'logit_bias' values must be numbers from -100 to 100", "logit_bias")
+            raise invalid("'logit_bias' values must be numbers from -100 to 100", "logit_bias")
         out.append((int(key), float(bias)))
     return tuple(out)
 
@@ -205,10 +205,10 @@ def _generation(
 ) -> Generation:
     model = body.get("model") or ""
     if not isinstance(model, str):
-        raise bad("'model' must be a string", "model")
+        raise invalid("'model' must be a string", "model")
     n = _integer(body, "n", 1)
     if n is not None and n != 1:
-        raise bad("only n=1 is supported (one reply per request)", "n")
+        raise invalid("only n=1 is supported (one reply per request)", "n")
     sampling: dict[str, Any] = {}
     for key, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0)):
         value = _number(body, key, low, high)
@@ -238,7 +238,7 @@ def _generation(
     stream = _flag(body, "stream")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
-        raise bad("'stream_options' must be an object", "stream_options")
+        raise invalid("'stream_options' must be an object", "stream_options")
     include_usage = _flag(options, "include_usage") if stream else False
     settings = base.with_sampling(**sampling) if sampling else base
     return Generation(model, settings, max_tokens, _stops(body), stream, include_usage)
@@ -251,16 +251,16 @@ def _content(value: Any, index: int) -> str:
         parts = []
         for part in value:
             if not isinstance(part, dict) or part.get("type") != "text":
-                raise bad(
+                raise invalid(
                     f"messages[{index}]: only text content parts are supported (Starling reads "
                     "text only)",
                     f"messages[{index}].content",
                 )
             if not isinstance(part.get("text"), str):
-                raise bad(f"messages[{index}]: a text part needs a string 'text'")
+                raise invalid(f"messages[{index}]: a text part needs a string 'text'")
             parts.append(part["text"])
         return "".join(parts)
-    raise bad(f"messages[{index}]: 'content' must be a string or a list of text parts")
+    raise invalid(f"messages[{index}]: 'content' must be a string or a list of text parts")
 
 
 @dataclass
@@ -292,24 +292,24 @@ def _tools(body: dict[str, Any]) -> list[Function]:
     if raw is None:
         return []
     if not isinstance(raw, list):
-        raise bad("'tools' must be a list", "tools")
+        raise invalid("'tools' must be a list", "tools")
     if len(raw) > MAX_TOOLS:
-        raise bad(f"at most {MAX_TOOLS} tools", "tools")
+        raise invalid(f"at most {MAX_TOOLS} tools", "tools")
     out = []
     for i, tool in enumerate(raw):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            raise bad(f"tools[{i}]: only function tools are supported", "tools")
+            raise invalid(f"tools[{i}]: only function tools are supported", "tools")
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise bad(f"tools[{i}].function needs a 'name'", "tools")
+            raise invalid(f"tools[{i}].function needs a 'name'", "tools")
         parameters = fn.get("parameters")
         if parameters is None:
             parameters = {"type": "object", "properties": {}}
         if not isinstance(parameters, dict):
-            raise bad(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
+            raise invalid(f"tools[{i}].function.parameters must be a JSON schema object", "tools")
         description = fn.get("description") or ""
         if not isinstance(description, str):
-            raise bad(f"tools[{i}].function.description must be a string", "tools")
+            raise invalid(f"tools[{i}].function.description must be a string", "tools")
         out.append(Function(fn["name"], description, parameters))
     return out
 
@@ -323,17 +323,17 @@ def _tool_choice(body: dict[str, Any], tools: list[Function]) -> str:
         return "auto"
     if choice in ("auto", "none", "required"):
         if choice == "required" and not tools:
-            raise bad("'tool_choice' is 'required' but no tools are given", "tool_choice")
+            raise invalid("'tool_choice' is 'required' but no tools are given", "tool_choice")
         return str(choice)
     name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
     if not isinstance(name, str):
-        raise bad(
+        raise invalid(
             "'tool_choice' must be 'auto', 'none', 'required' or "
             '{"type": "function", "function": {"name": ...}}',
             "tool_choice",
         )
     if name not in {f.name for f in tools}:
-        raise bad(f"'tool_choice' names {name!r}, which is not among the tools", "tool_choice")
+        raise invalid(f"'tool_choice' names {name!r}, which is not among the tools", "tool_choice")
     return f"function:{name}"
 
 
@@ -344,7 +344,7 @@ def _structured_outputs(body: dict[str, Any]) -> Grammar | None:
     if spec is None:
         return None
     if not isinstance(spec, dict):
-        raise bad("'structured_outputs' must be an object", "structured_outputs")
+        raise invalid("'structured_outputs' must be an object", "structured_outputs")
     try:
         if isinstance(spec.get("grammar"), str):
             return gbnf_grammar(spec["grammar"])
@@ -353,8 +353,8 @@ def _structured_outputs(body: dict[str, Any]) -> Grammar | None:
         if spec.get("json_object") is True:
             return json_object_grammar()
     except GrammarError as exc:
-        raise bad(str(exc), "structured_outputs", "unsupported_schema") from None
-    raise bad(
+        raise invalid(str(exc), "structured_outputs", "unsupported_schema") from None
+    raise invalid(
         "'structured_outputs' takes 'grammar' (GBNF), 'json' (a schema) or 'json_object' here",
         "structured_outputs",
     )
@@ -374,26 +374,26 @@ def _response_format(body: dict[str, Any]) -> Grammar | None:
         if kind == "json_schema":
             spec = fmt.get("json_schema")
             if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
-                raise bad(
+                raise invalid(
                     "'response_format.json_schema' needs a 'schema' object",
                     "response_format",
                 )
             return schema_grammar(spec["schema"])
     except GrammarError as exc:
-        raise bad(str(exc), "response_format", "unsupported_schema") from None
-    raise bad(
+        raise invalid(str(exc), "response_format", "unsupported_schema") from None
+    raise invalid(
         "'response_format.type' must be 'text', 'json_object' or 'json_schema'", "response_format"
     )
 
 
 def _tool_calls(value: Any, index: int) -> list[ToolCall]:
     if not isinstance(value, list):
-        raise bad(f"messages[{index}].tool_calls must be a list", "messages")
+        raise invalid(f"messages[{index}].tool_calls must be a list", "messages")
     calls = []
     for call in value:
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-            raise bad(f"messages[{index}]: a tool call needs function.name", "messages")
+            raise invalid(f"messages[{index}]: a tool call needs function.name", "messages")
         arguments = fn.get("arguments") or "{}"
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments)
@@ -403,13 +403,13 @@ def _tool_calls(value: Any, index: int) -> list[ToolCall]:
 
 def _messages(raw: Any) -> tuple[list[str], list[Message]]:
     if not isinstance(raw, list) or not raw:
-        raise bad("'messages' must be a non-empty list", "messages")
+        raise invalid("'messages' must be a non-empty list", "messages")
     system: list[str] = []
     messages: list[Message] = []
     names: dict[str, str] = {}  # tool call id -> function name
     for i, m in enumerate(raw):
         if not isinstance(m, dict):
-            raise bad(f"messages[{i}] must be an object", "messages")
+            raise invalid(f"messages[{i}] must be an object", "messages")
         role = m.get("role")
         calls = _tool_calls(m["tool_calls"], i) if m.get("tool_calls") else []
         if m.get("content") is None and (calls or role in ("assistant", "tool", "function")):
@@ -430,14 +430,14 @@ def _messages(raw: Any) -> tuple[list[str], list[Message]]:
             name = name or (names.get(call_id) if call_id else None)
             messages.append(Message("user", result_text(text, name, call_id)))
         else:
-            raise bad(
+            raise invalid(
                 f"messages[{i}]: role must be system, developer, user, assistant or tool, "
                 f"not {role!r}"
             )
     if not messages:
-        raise bad("the messages hold no user message", "messages")
+        raise invalid("the messages hold no user message", "messages")
     if not messages[-1].content.strip():
-        raise bad("the last message is empty", "messages")
+        raise invalid("the last message is empty", "messages")
     return system, messages
 
 
@@ -456,20 +456,20 @@ def parse_chat(body: dict[str, Any], base: ConversationSettings) -> ChatRequest:
     mode = body.get("mode")
     if mode is not None:
         if mode not in ("chat", "code"):
-            raise bad("'mode' must be chat or code", "mode")
+            raise invalid("'mode' must be chat or code", "mode")
         settings = replace(settings, mode=Mode(mode))
     grammar = _response_format(body)
     if _flag(body, "logprobs"):
         top = _integer(body, "top_logprobs", 0, MAX_TOP)
         settings = settings.with_sampling(logprobs=top or 0)
     elif body.get("top_logprobs") is not None:
-        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        raise invalid("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     if grammar is not None:
         settings = settings.with_sampling(grammar=grammar)
     generation.settings = settings
     user = body.get("user")
     if user is not None and not isinstance(user, str):
-        raise bad("'user' must be a string", "user")
+        raise invalid("'user' must be a string", "user")
     return ChatRequest(generation, messages, tools, user or None, choice)
 
 
@@ -494,12 +494,12 @@ def parse_completion(body: dict[str, Any], base: ConversationSettings) -> Comple
     ids: list[int] | None = None
     if isinstance(prompt, str):
         if not prompt:
-            raise bad("'prompt' is empty", "prompt")
+            raise invalid("'prompt' is empty", "prompt")
         text = prompt
     elif isinstance(prompt, list) and prompt:
         ids = _token_ids(prompt, "prompt")
     else:
-        raise bad("'prompt' must be a non-empty string or list of token ids", "prompt")
+        raise invalid("'prompt' must be a non-empty string or list of token ids", "prompt")
     stop_ids = _token_ids(body.get("stop_token_ids") or [], "stop_token_ids")
     echo = _flag(body, "echo")
     generation = _generation(body, base, min_tokens=0 if echo else 1)

@@ -29,7 +29,7 @@ class Piece:
 Event = ReplyStart | Piece | ReplyOutcome
 
 
-class Run:
+class WorkerReply:
     """`events()` yields the start, the pieces as they stream, then the outcome. The client
     going away (or leaving `events()` early) cancels it, also while its prompt is being
     evaluated."""

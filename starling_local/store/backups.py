@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from starling_local.config import environment
 from starling_local.errors import StarlingError, UsageError
 
 KEEP = 7
@@ -85,7 +86,7 @@ def make_backup(database: Path, connection: sqlite3.Connection | None = None) ->
 def daily_backup(database: Path, connection: sqlite3.Connection) -> Path | None:
     """A backup unless one was made today (UTC) or `STARLING_BACKUPS=0`; None if none made.
     A failure (a full disk) costs the backup, never the command."""
-    if os.environ.get("STARLING_BACKUPS", "1").strip() == "0":
+    if not environment().backups:
         return None
     today = datetime.now(timezone.utc).date()
     found = backups(database)

@@ -13,7 +13,7 @@ from textual.screen import Screen
 
 from starling_local.chat.engines import EngineSpec
 from starling_local.chat.service import ConversationService
-from starling_local.config import load_config, save_config
+from starling_local.config import preferences, save_preferences
 from starling_local.store.conversations import ConversationStore
 from starling_local.tui.screens.chat import ChatScreen
 
@@ -86,15 +86,15 @@ class StarlingApp(App[None]):
         for sig in (signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, self.exit)
-        saved = load_config().get("theme")
-        if isinstance(saved, str) and saved in self.available_themes:
+        saved = preferences().theme
+        if saved is not None and saved in self.available_themes:
             self.theme = saved
         self._theme_restored = True
 
     def watch_theme(self, theme: str) -> None:
         # Chosen in the command palette ("Change theme"): kept for the next start.
-        if getattr(self, "_theme_restored", False) and load_config().get("theme") != theme:
-            save_config(theme=theme)
+        if getattr(self, "_theme_restored", False) and preferences().theme != theme:
+            save_preferences(theme=theme)
 
     def on_load(self) -> None:
         # The generation thread needs the GIL briefly after every token (between llama.cpp
@@ -114,8 +114,8 @@ class StarlingApp(App[None]):
         from starling_local.engine.types import EngineClosedError
 
         spec = replace(self.engine_spec, model=model, remote=None) if model else self.engine_spec
-        saved = load_config().get("speculate")
-        if spec.speculate is None and isinstance(saved, bool):  # a flag given wins
+        saved = preferences().speculate
+        if spec.speculate is None and saved is not None:  # a flag given wins
             spec = replace(spec, speculate=saved)
         engine, name = open_engine(spec, on_progress)
         swapped = (

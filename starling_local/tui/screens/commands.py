@@ -15,7 +15,7 @@ from textual.screen import Screen
 
 from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Mode
-from starling_local.config import save_config
+from starling_local.config import save_preferences
 from starling_local.errors import StarlingError
 from starling_local.store.models import Conversation
 from starling_local.tui.messages import ServiceDone, ServiceFailed
@@ -192,7 +192,7 @@ class ConversationCommands(Screen[None]):
             self.notify("Speculative decoding needs a local model", severity="warning")
             return
         enabled = not engine.speculate
-        save_config(speculate=enabled)  # kept for the next start
+        save_preferences(speculate=enabled)  # kept for the next start
         self.notify(f"Speculative decoding {'on' if enabled else 'off'}: reloading the model")
         app: Any = self.app
         app.engine_spec = replace(app.engine_spec, speculate=enabled)

@@ -112,7 +112,8 @@ class ReplyStreaming(ConversationCommands):
             )
 
     def _speculating(self) -> bool:
-        return bool(getattr(self.service.engine, "speculate", False))
+        engine = self.service.engine
+        return engine is not None and engine.speculate
 
     def _fold_while_streaming(self, view: MessageView) -> None:
         if view is self.reply_view:  # not once the reply has ended (and everything unfolded)

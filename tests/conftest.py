@@ -34,10 +34,18 @@ INTEGRATION_FIXTURES = frozenset(
 )
 
 
+#: Fixtures that build or install another program on first use (cached after): the first test
+#: that needs one may take the build's time as well as its own.
+BUILDING_FIXTURES = frozenset({"llama_server_binary", "vllm_url"})
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+        used = set(getattr(item, "fixturenames", ()))
+        if INTEGRATION_FIXTURES & used:
             item.add_marker(pytest.mark.slow)
+        if BUILDING_FIXTURES & used:
+            item.add_marker(pytest.mark.timeout(1800))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -32,9 +32,11 @@ class ModelFailed(Message):
 
 
 class ReplyStarted(Message):
-    def __init__(self, start: ReplyStart) -> None:
+    def __init__(self, start: ReplyStart, user_message_id: int | None = None) -> None:
         super().__init__()
         self.start = start
+        self.user_message_id = user_message_id
+        """The id of the user message the reply answers, when it was just committed."""
 
 
 class ReplyChunk(Message):

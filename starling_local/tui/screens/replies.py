@@ -84,6 +84,10 @@ class ReplyStreaming(ConversationCommands):
             ),
             "",
         )
+        if message.user_message_id is not None:  # the message just sent learns its id
+            views = [v for v in self.chat.query(MessageView) if v.role == "user"]
+            if views and views[-1].message_id is None:
+                views[-1].message_id = message.user_message_id
         self.reply_view = await self.chat.add("assistant", extended, message_id=start.message_id)
         self._context_base = (start.prompt_tokens, start.n_ctx)
         self.md_stream = Markdown.get_stream(self.reply_view.markdown)
@@ -159,10 +163,6 @@ class ReplyStreaming(ConversationCommands):
                 self.notify(str(exc), severity="warning")
                 await self.open_conversation(None)
                 return
-            views = [v for v in self.chat.query(MessageView) if v.role != "notice"]
-            if len(views) == len(self.conversation.messages):  # the new ones learn their ids
-                for view, stored in zip(views, self.conversation.messages, strict=True):
-                    view.message_id = stored.id
         self.update_context()
         await self.refresh_sidebar()
 
@@ -198,13 +198,18 @@ class ReplyStreaming(ConversationCommands):
     ) -> None:
         """Commit what `prepare` does (the user message, a truncation), then the reply."""
         batcher = ChunkBatcher(self.post_message, pacer)
-        hooks = ReplyHooks(lambda start: self.post_message(ReplyStarted(start)), batcher.feed)
+        committed: list[int] = []  # the user message `prepare` commits, if it ends with one
+        hooks = ReplyHooks(
+            lambda start: self.post_message(ReplyStarted(start, *committed[:1])), batcher.feed
+        )
         cid = self.cid
         with contextlib.ExitStack() as held:
             try:
                 # One writer per conversation across processes, from the commit to the reply.
                 held.enter_context(self.service.writing(cid))
                 conv = prepare()
+                if conv.messages and conv.messages[-1].role == "user":
+                    committed.append(conv.messages[-1].id)
             except Exception as exc:  # nothing was committed: the typed text goes back
                 self.post_message(ReplyDone(None, str(exc) or type(exc).__name__, unsent=draft))
                 return

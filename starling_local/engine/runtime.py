@@ -11,21 +11,19 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 from starling_local.engine.attention import KV_TYPES, default_attention
 from starling_local.engine.batch_cost import BatchCost
 from starling_local.engine.grammar import Grammar
-from starling_local.engine.logprobs import TokenLogprob, token_logprob
-from starling_local.engine.lookup import MAX_DRAFT, DraftPolicy, LookupDrafter
+from starling_local.engine.logprobs import token_logprob
+from starling_local.engine.speculation import Speculation, decode_tokens
 from starling_local.engine.types import (
     EngineClosedError,
     EngineError,
     EngineStream,
-    GenerationStats,
     KVSnapshot,
     ReplyDecoder,
     SamplingParams,
@@ -167,15 +165,14 @@ class Engine:
         )
         self.speculate = speculate
         """Verify tokens drafted from the conversation itself in each decoding step: each token
-        is still the model's own choice (see `_tokens`), in batches no larger than the
-        machine computes exactly as single tokens (measured, see `batch_cost`); faster where
-        the reply repeats its context. Off by default: on a CPU it needs flash attention and
+        is still the model's own choice (see `speculation.decode_tokens`), in batches no larger
+        than the machine computes exactly as single tokens (measured, see `batch_cost`); faster
+        where the reply repeats its context. Off by default: on a CPU it needs flash attention and
         a q8_0 KV cache, which long conversations and long prompts pay for (see
         `default_attention`)."""
-        self._cost: BatchCost | None = None
-        self._policy: DraftPolicy | None = None
+        self._speculation = Speculation(adapter, self.model_key, self._speculation_key())
         if self.speculate and not vocab_only:
-            self._draft_policy(self._llm)
+            self._speculation.policy(self._llm)
 
     @property
     def closed(self) -> bool:
@@ -328,8 +325,10 @@ class Engine:
         if budget <= 0:
             sampler.close()
             return
-        policy = self._draft_policy(llm) if self.speculate else None
-        generator = self._tokens(llm, sampler, tokens, budget, policy, stats, params.logprobs)
+        policy = self._speculation.policy(llm) if self.speculate else None
+        generator = decode_tokens(
+            self._adapter, llm, sampler, tokens, budget, policy, stats, params.logprobs
+        )
         try:
             for token, logprob in generator:
                 now = time.perf_counter()
@@ -362,122 +361,32 @@ class Engine:
         if tail:
             yield tail
 
-    def _tokens(
-        self,
-        llm: Any,
-        sampler: Any,
-        prompt: list[int],
-        budget: int,
-        policy: DraftPolicy | None,
-        stats: GenerationStats,
-        logprobs: int | None = None,
-    ) -> Generator[tuple[int, TokenLogprob | None], None, None]:
-        """The model's tokens after `prompt` (all but its last token already evaluated).
-
-        With a `policy`, each step may verify drafted tokens (copied from earlier in the
-        conversation) in the same batch as the pending token: the model's own choice is sampled
-        at every position, drafts are kept while they equal it, and the first differing choice
-        ends the step. Every token is thus sampled exactly as plain decoding samples it (same
-        sampler, one draw per token), and the rejected tail leaves the KV cache. With
-        `logprobs`, each token comes with its log-probability (else None)."""
-        adapter = self._adapter
-        drafter = LookupDrafter(prompt) if policy is not None else None
-        if policy is not None:
-            policy.new_reply()
-        pending = prompt[-1]
-        emitted = 0
-        limit = min(MAX_DRAFT, adapter.max_batch(llm) - 1, policy.most if policy else 0)
-        stats.draft_limit = limit
-        while True:
-            drafted: tuple[int, ...] = ()
-            match = 0
-            room = min(limit, budget - emitted - 1)
-            if drafter is not None and policy is not None and room > 0:
-                draft = drafter.draft(room)
-                if draft is not None:
-                    match = draft.match
-                    drafted = draft.tokens[: policy.length(match, len(draft.tokens))]
-            n_past = adapter.n_cached(llm)
-            adapter.decode(llm, [pending, *drafted], outputs=1 + len(drafted))
-            out: list[int] = []
-            scores: list[TokenLogprob | None] = []
-            for i in range(len(drafted) + 1):
-                token = adapter.sample(llm, sampler, i)
-                out.append(token)
-                scores.append(
-                    None
-                    if logprobs is None
-                    else token_logprob(adapter.logits_row(llm, i), token, logprobs)
-                )
-                if i == len(drafted) or token != drafted[i]:
-                    break
-            accepted = len(out) - 1
-            if drafted:
-                adapter.truncate_cache(llm, n_past + 1 + accepted)
-                stats.draft_tokens += len(drafted)
-                stats.accepted_tokens += accepted
-                assert policy is not None
-                policy.record(match, len(drafted), accepted)
-            if drafter is not None:
-                drafter.extend(out)
-            emitted += len(out)
-            yield from zip(out, scores, strict=True)
-            pending = out[-1]
-
-    def _draft_policy(self, llm: Any) -> DraftPolicy:
-        """The drafting policy, from this machine's batch-cost curve for this model (measured
-        once, then read from the cache directory)."""
-        if self._policy is None:
-            cost = self._measured_cost(llm)
-            self._policy = DraftPolicy(cost.relative(), most=cost.exact - 1)
-        return self._policy
-
-    def _measured_cost(self, llm: Any, fresh: bool = False) -> BatchCost:
-        from starling_local.engine import batch_cost
-
-        if self._cost is not None:
-            return self._cost
-        path = get_paths().cache / "batch-cost.json"
-        key = batch_cost.cache_key(
-            self.model_key,
-            (
-                self.backend,
-                self.n_threads,
-                self.n_gpu_layers,
-                self.flash_attn,
-                self.kv_type,
-                self._adapter.version(),
-                # Which kernels a batch takes (and so the exact batch) depends on these too.
-                f"repack={extra_buffers_enabled()}",
-                f"tiled={os.environ.get('GGML_CPU_TILED_MM', '')}",
-            ),
+    def _speculation_key(self) -> tuple[object, ...]:
+        """What the batch-cost curve depends on besides the model."""
+        return (
+            self.backend,
+            self.n_threads,
+            self.n_gpu_layers,
+            self.flash_attn,
+            self.kv_type,
+            self._adapter.version(),
+            # Which kernels a batch takes (and so the exact batch) depends on these too.
+            f"repack={extra_buffers_enabled()}",
+            f"tiled={os.environ.get('GGML_CPU_TILED_MM', '')}",
         )
-        cost = None if fresh else batch_cost.load_cached(path, key)
-        if cost is None:
-            cached = self._adapter.cached_tokens(llm)
-            cost = batch_cost.measure(llm, self._adapter)
-            if cached:  # measuring emptied the cache
-                self._adapter.clear_cache(llm)
-            batch_cost.save_cached(path, key, cost)
-        self._cost = cost
-        return cost
 
     def use_batch_cost(self, cost: BatchCost) -> None:
         """Draft as if decoding cost `cost` (tests and benchmarks: "what if the machine's
         curve were flat"); the acceptance seen so far is forgotten. The largest exact batch
         is never more than the measured one."""
         with self._context:
-            measured = self._measured_cost(self._open_llm())
-            self._cost = replace(cost, exact=min(cost.exact, measured.exact))
-            self._policy = None
+            self._speculation.use_cost(self._open_llm(), cost)
 
     def batch_cost(self, fresh: bool = False) -> BatchCost:
         """This machine's cost of one `llama_decode` of k tokens for this model (k = 1, 2, 4,
         8, 16); measured on first use (or now, if `fresh`), then cached per machine and model."""
         with self._context:
-            if fresh:
-                self._cost, self._policy = None, None
-            return self._measured_cost(self._open_llm(), fresh)
+            return self._speculation.cost(self._open_llm(), fresh)
 
     def _sampler(self, llm: Any, params: SamplingParams) -> Any:
         try:

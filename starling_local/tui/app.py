@@ -14,8 +14,12 @@ from textual.screen import Screen
 from starling_local.chat.engines import EngineSpec
 from starling_local.chat.service import ConversationService
 from starling_local.config import preferences, save_preferences
+from starling_local.engine.interface import EngineLike
 from starling_local.store.conversations import ConversationStore
 from starling_local.tui.screens.chat import ChatScreen
+
+#: Makes the engine a spec asks for, telling load progress: (engine, the name it is saved as).
+Opener = Callable[[EngineSpec, Callable[[float], None] | None], tuple[EngineLike, str]]
 
 SWITCH_INTERVAL_S = 0.0005
 
@@ -68,9 +72,13 @@ class StarlingApp(App[None]):
         store: ConversationStore | None = None,
         n_ctx: int | None = None,
         engine: EngineSpec | None = None,
+        opener: Opener | None = None,
     ) -> None:
+        """`opener` makes the engine from the spec (default: `chat.engines.open_engine`; the
+        fast tests pass a scripted engine's)."""
         super().__init__()
         self.engine_spec = engine or EngineSpec(model=model, n_ctx=n_ctx)
+        self._open_engine = opener
         self.conversation_id = conversation_id
         self.service = ConversationService(store or ConversationStore(), owns_store=store is None)
 
@@ -113,11 +121,13 @@ class StarlingApp(App[None]):
         from starling_local.chat.engines import open_engine
         from starling_local.engine.types import EngineClosedError
 
+        opener = self._open_engine or open_engine
+
         spec = replace(self.engine_spec, model=model, remote=None) if model else self.engine_spec
         saved = preferences().speculate
         if spec.speculate is None and saved is not None:  # a flag given wins
             spec = replace(spec, speculate=saved)
-        engine, name = open_engine(spec, on_progress)
+        engine, name = opener(spec, on_progress)
         swapped = (
             self.service.swap_engine(engine, name)
             if self.service.engine is not None

@@ -111,7 +111,7 @@ class ScriptedEngine:
         return list(json.loads(path.read_bytes()))
 
     def load_state(self, path: Path) -> int:
-        self._cache = self.state_tokens(path)
+        self._cache = list(json.loads(path.read_bytes()))
         return len(self._cache)
 
     # --- generation ---------------------------------------------------------------------------

@@ -14,7 +14,9 @@ from starling_local.chat.service import ConversationService, ReplyHooks
 from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.stops import StopMatcher
 from starling_local.chat.template import Message
+from starling_local.config import Environment, Preferences
 from starling_local.engine.types import KVSnapshot, SamplingParams
+from starling_local.errors import UsageError
 from starling_local.server.protocol import APIError, parse_chat
 from starling_local.store.conversations import ConversationStore
 from tests.cards import CARD_SINGLE
@@ -269,3 +271,46 @@ def test_a_good_request_becomes_settings_and_turns() -> None:
     settings = req.generation.settings
     assert settings.system == "Be brief." and settings.sampling.temperature == 0
     assert req.generation.max_tokens == 12 and req.generation.stop == ["END"]
+
+
+def test_the_state_file_is_read_only_when_the_live_cache_falls_short(
+    service: ConversationService, scripted: ScriptedEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A turn the live KV cache covers reads no state file; the same turn after the live cache
+    is gone (another conversation, a restart) loads it."""
+    reads: list[Path] = []
+    real = scripted.state_tokens
+    monkeypatch.setattr(scripted, "state_tokens", lambda path: reads.append(path) or real(path))
+    scripted.then(" One.", " Two.", " Three.")
+    conv = service.send(None, "Hello", GREEDY)
+    service.reply(conv.id)
+    service.send(conv.id, "And then?")
+    assert service.reply(conv.id).stats.prompt_evaluated < 20
+    assert reads == []  # the live cache held the history
+    scripted.clear_cache()
+    service.runner._sequences.clear()
+    service.send(conv.id, "And after?")
+    assert service.reply(conv.id).stats.prompt_evaluated < 20  # from the state file
+    assert len(reads) == 1
+
+
+# --- settings from the environment ---------------------------------------------------------
+
+
+def test_the_environment_is_read_typed_with_one_line_errors() -> None:
+    env = Environment.read(
+        {"STARLING_KV_CACHE_MB": "512", "STARLING_BACKUPS": "0", "STARLING_MODEL": " beta "}
+    )
+    assert env.kv_cache_bytes == 512 << 20 and env.backups is False and env.model == "beta"
+    assert env.cpu_extra_buffers == "auto" and env.remote is None
+    assert Environment.read({"STARLING_CPU_EXTRA_BUFFERS": "yes"}).cpu_extra_buffers == "on"
+    with pytest.raises(UsageError, match="STARLING_KV_CACHE_MB must be a whole number of MiB"):
+        Environment.read({"STARLING_KV_CACHE_MB": "lots"})
+    with pytest.raises(UsageError, match="STARLING_BACKUPS must be on or off"):
+        Environment.read({"STARLING_BACKUPS": "maybe"})
+
+
+def test_preferences_survive_a_hand_edited_file() -> None:
+    prefs = Preferences.from_json({"theme": 3, "speculate": "yes", "default_model": "beta"})
+    assert prefs == Preferences(default_model="beta")
+    assert Preferences.from_json(["not", "an", "object"]) == Preferences()

@@ -191,9 +191,9 @@ def test_replies_are_served_in_the_order_they_came(service: ConversationService)
         t = threading.Thread(target=ask, args=(f"q{i}", short))
         t.start()
         threads.append(t)
-        # Queued before the next one arrives: which waiter blocks on the lock cannot be seen
-        # from outside, so the arrivals are spaced in time.
-        time.sleep(0.05)
+        deadline = time.monotonic() + 30
+        while service.runner.waiting < i + 1 and time.monotonic() < deadline:
+            threading.Event().wait(0.005)  # queued before the next one arrives
     for t in [runner, *threads]:
         t.join(60)
     assert started == ["first", "q0", "q1", "q2", "q3", "again"]

@@ -78,6 +78,9 @@ class ReplyRunner:
         self._closed = False
         self._sequences = SequenceCache()
         self._replies = RecentReplies()
+        self._in_file: tuple[int, int] | None = None
+        """(conversation, cached tokens) while the engine's cache is what the conversation's
+        state file holds: the last turn saved it, and nothing ran since."""
         if engine is not None:
             self.attach(engine, model_name)
 
@@ -100,6 +103,7 @@ class ReplyRunner:
                 return False
             self._engine = engine
             self._kv = ConversationCache(engine, root=self._kv_root)
+            self._in_file = None
             self.model_name = model_name or str(engine.path)
             return True
 
@@ -251,9 +255,11 @@ class ReplyRunner:
         engine = self.require_engine()
         tokens = prompt.tokens
         cid = recording.conversation_id if recording else None
+        in_file = self._in_file == (cid, engine.cached_tokens)
+        self._in_file = None
         covered = self._sequences.prepare(engine, tokens)
-        if cid is not None and self._kv is not None and covered < len(tokens) - 1:
-            self._kv.restore(cid, tokens)
+        if cid is not None and self._kv is not None and not in_file and covered < len(tokens) - 1:
+            self._kv.restore(cid, tokens)  # the file may hold more of the prompt than RAM
         record: Callable[[], ReplyRecorder] | None = None
         if recording is not None:
             rec = recording
@@ -281,7 +287,8 @@ class ReplyRunner:
             # take the engine first and leave this file holding its cache. A failed save (a
             # full disk) costs the next reply time, never this reply.
             try:
-                self._kv.save(cid)
+                if self._kv.save(cid):
+                    self._in_file = (cid, engine.cached_tokens)
             except (OSError, StarlingError) as exc:
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
                 outcome.warnings.append(

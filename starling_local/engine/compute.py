@@ -4,9 +4,9 @@ llama.cpp's CPU backend runs each `llama_decode` as an OpenMP parallel region, a
 pool of worker threads per thread that ever started one. Once there are more pooled threads than
 CPUs (two Python threads that each decoded once, on two cores), libgomp stops spinning between
 regions and puts its workers to sleep after about 100 spins: every layer then waits for a wake-up,
-and decoding on a 2-core machine ran at 0.87x. A chat app decodes from whichever worker thread is
-free (Textual's thread workers, the server's request threads, the model-loading thread), so every
-decode is handed to this one long-lived thread instead (about 40 µs per call).
+and decoding slows down (the README's Speed section has the figure). A chat app decodes from
+whichever worker thread is free (Textual's thread workers, the server's request threads, the
+model-loading thread), so every decode is handed to this one long-lived thread instead.
 """
 
 from __future__ import annotations

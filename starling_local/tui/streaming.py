@@ -1,13 +1,13 @@
 """Pacing a streaming reply for the screen.
 
 Text is gathered in the generating thread and posted to the screen in chunks. How often is set
-by what drawing costs: each redraw of a growing reply lays out and repaints the screen (30-70 ms
-of the UI thread's CPU late in a 2,000-token reply here, with what scrolled away folded:
+by what drawing costs: each redraw of a growing reply lays out and repaints the screen (tens of
+milliseconds of the UI thread's CPU late in a long reply, even with what scrolled away folded:
 widgets/fold.py), and when llama.cpp keeps every core busy, that time is taken from generation
-(at ten redraws a second a 2-core machine generated at 0.8x). So the UI thread measures its own
-CPU time per redraw, and redraws are spaced to keep it under a share of the time: a small share
-when generation uses every core, ten a second when there is a core to spare (a GPU, a remote
-engine, more cores than llama.cpp threads).
+(`starling bench --tui-tokens` and `scripts/fold_cost.py` measure both). So the UI thread
+measures its own CPU time per redraw, and redraws are spaced to keep it under a share of the
+time: a small share when generation uses every core, ten a second when there is a core to
+spare (a GPU, a remote engine, more cores than llama.cpp threads).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build llama.cpp's llama-server from the sources that the installed llama-cpp-python vendors
-# (so both run the same llama.cpp), cached under ~/.cache keyed by that version.
-# Prints the binary's path. Exit 3: the build tools are missing.
+# Build llama.cpp's llama-server and llama-bench from the sources that the installed
+# llama-cpp-python vendors (so all run the same llama.cpp), cached under ~/.cache keyed by that
+# version. Prints llama-server's path (llama-bench lies beside it). Exit 3: the build tools are
+# missing.
 #
 #   bash scripts/build_llama_server.sh            # uses the active Python's llama-cpp-python
 #   LLAMA_CPP_SDIST=path/to/llama_cpp_python-X.tar.gz bash scripts/build_llama_server.sh
@@ -9,7 +10,7 @@ set -euo pipefail
 
 version=$(python -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))")
 dest="${XDG_CACHE_HOME:-$HOME/.cache}/starling-local/llama-server/$version"
-if [ -x "$dest/llama-server" ]; then
+if [ -x "$dest/llama-server" ] && [ -x "$dest/llama-bench" ]; then
     echo "$dest/llama-server"
     exit 0
 fi
@@ -30,8 +31,10 @@ src=$(echo "$work"/llama_cpp_python-*/vendor/llama.cpp)
 cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF \
     -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_SERVER=ON >&2
-cmake --build "$work/build" --target llama-server -j "$(nproc)" >&2
+cmake --build "$work/build" --target llama-server llama-bench -j "$(nproc)" >&2
 mkdir -p "$dest"
-cp "$work/build/bin/llama-server" "$dest/llama-server.tmp"
-mv "$dest/llama-server.tmp" "$dest/llama-server"
+for bin in llama-bench llama-server; do
+    cp "$work/build/bin/$bin" "$dest/$bin.tmp"
+    mv "$dest/$bin.tmp" "$dest/$bin"
+done
 echo "$dest/llama-server"

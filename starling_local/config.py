@@ -43,8 +43,8 @@ class Environment:
     backups: bool = True
     """`STARLING_BACKUPS=0`: no daily history backup."""
     cpu_extra_buffers: Switch = "auto"
-    """`STARLING_CPU_EXTRA_BUFFERS`: llama.cpp's AMX and repacked CPU buffers (auto: off
-    when the build has AMX kernels, see `llamacpp.system.extra_buffers_enabled`)."""
+    """`STARLING_CPU_EXTRA_BUFFERS`: llama.cpp's AMX and repacked CPU buffers (auto: all of
+    them, less AMX where a probe finds it unusable, see `llamacpp.cpu_kernels`)."""
     mistral_tokenizer: Path | None = None
     """`STARLING_MISTRAL_TOKENIZER`: the tokenizer.model synthetic test models use."""
 

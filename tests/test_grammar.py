@@ -104,7 +104,7 @@ def test_checked_sampling_gives_llama_cpp_pythons_own_grammar_reply(
     import llama_cpp
 
     from starling_local.engine.llama_adapter import model_defaults
-    from starling_local.llamacpp.system import extra_buffers_enabled
+    from starling_local.llamacpp.cpu_kernels import cpu_kernels
 
     schema = {
         "type": "object",
@@ -115,7 +115,7 @@ def test_checked_sampling_gives_llama_cpp_pythons_own_grammar_reply(
     prompt = render_tokens([Message("user", "Hello")], engine.tokenize_text)
     ours = engine.generate(prompt, SamplingParams(temperature=0.0, max_tokens=120, grammar=grammar))
     ours.consume()
-    with model_defaults(**({} if extra_buffers_enabled() else {"use_extra_bufts": False})):
+    with model_defaults(**cpu_kernels().model_params()):
         llm = llama_cpp.Llama(str(tiny_q4), n_ctx=512, verbose=False)
     try:
         theirs = llm.create_completion(

@@ -24,7 +24,7 @@ BASE_TABLE: dict[str, set[str]] = {
     "files": {"errors"},
     "progress": {"files"},
     "gguf": {"errors", "vocab", "files"},
-    "llamacpp": {"config"},
+    "llamacpp": {"config", "paths"},
 }
 BASE = set(BASE_TABLE) - {"__init__"}
 

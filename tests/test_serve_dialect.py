@@ -310,10 +310,10 @@ def test_echo_prompt_logprobs_equal_llama_cpp_own_log_softmax(
     assert lp["token_logprobs"][0] is None and len(lp["tokens"]) == r["usage"]["prompt_tokens"]
     # llama.cpp's own logits for the same ids, every position, and their log-softmax.
     from starling_local.engine.llama_adapter import model_defaults
-    from starling_local.llamacpp.system import extra_buffers_enabled
+    from starling_local.llamacpp.cpu_kernels import cpu_kernels
 
-    # (The AMX kernels are off as the engine turns them off: they crash where AMX is disabled.)
-    with model_defaults(**({} if extra_buffers_enabled() else {"use_extra_bufts": False})):
+    # (The CPU kernels the engine chose: AMX crashes where a VM advertises it without enabling it.)
+    with model_defaults(**cpu_kernels().model_params()):
         llm = llama_cpp.Llama(str(tiny_q4), n_ctx=256, logits_all=True, verbose=False)
     ids = llm.tokenize(prompt.encode(), add_bos=True)
     llm.eval(ids)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from starling_local.bench.kernels import format_kernels, kernel_figures
 from starling_local.bench.long_context import CONFIGS, depth_figures, format_depths
 from starling_local.bench.prompts import default_prompts, load_prompts
 from starling_local.bench.speculative import (
@@ -30,6 +31,8 @@ def run_extra(
     depths: tuple[int, ...],
     n_gpu_layers: int | None,
     configs: tuple[str, ...] = tuple(CONFIGS),
+    kernels: tuple[str, ...] = (),
+    llama_bench: Path | None = None,
 ) -> dict[str, Any]:
     from starling_local.bench.runner import synthetic_model
 
@@ -61,6 +64,16 @@ def run_extra(
                 synthetic_model(shape), depths, n_gpu_layers=n_gpu_layers, configs=configs
             )
             for shape in long_context
+        }
+    if kernels:
+        figures["kernels"] = {
+            shape: kernel_figures(
+                synthetic_model(shape),
+                llama_bench,
+                tokens=min(tokens, 64),
+                n_gpu_layers=n_gpu_layers,
+            )
+            for shape in kernels
         }
     return figures
 
@@ -100,4 +113,6 @@ def format_extra(f: dict[str, Any]) -> list[str]:
                 )
     for shape_figures in f.get("long_context", {}).values():
         lines += format_depths(shape_figures)
+    if "kernels" in f:
+        lines += format_kernels(f["kernels"])
     return lines

@@ -89,9 +89,24 @@ def register(sub: Any) -> None:
         help="comma-separated configurations for --long-context: fa-f16, nofa-f16, fa-q8_0",
     )
     b.add_argument(
+        "--kernels",
+        nargs="*",
+        default=[],
+        choices=["tiny", "0.5b", "1b", "7b"],
+        metavar="SHAPE",
+        help="decode and prompt speed on these synthetic shapes against llama.cpp's llama-bench "
+        "(same file, same run), with the CPU kernels the AMX probe chose",
+    )
+    b.add_argument(
+        "--llama-bench",
+        type=Path,
+        help="the llama-bench binary for --kernels (default: the one "
+        "scripts/build_llama_server.sh built for this llama-cpp-python)",
+    )
+    b.add_argument(
         "--all",
         action="store_true",
-        help="with --speculative/--long-context/--cost-shapes: also the other sections",
+        help="with --speculative/--long-context/--cost-shapes/--kernels: also the other sections",
     )
     b.add_argument("--json", type=Path, help="write the figures to this file")
     b.set_defaults(handler=run)
@@ -102,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from starling_local.bench.runner import format_table, run_bench, write_json
 
     model = resolve_model(args.model) if args.model else None
-    if args.speculative or args.long_context is not None or args.cost_shapes:
+    if args.speculative or args.long_context is not None or args.cost_shapes or args.kernels:
         from starling_local.bench.extra import format_extra, run_extra
 
         extra = run_extra(
@@ -117,6 +132,8 @@ def run(args: argparse.Namespace) -> int:
             depths=args.depths,
             n_gpu_layers=args.gpu_layers,
             configs=attention_configs(args.attention),
+            kernels=tuple(args.kernels),
+            llama_bench=args.llama_bench,
         )
         if not args.all:
             print("\n".join(format_extra(extra)).strip("\n"))

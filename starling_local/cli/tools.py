@@ -96,11 +96,13 @@ def doctor_report() -> dict[str, Any]:
     """Facts about this installation, as `starling doctor --json` prints them."""
     from starling_local import __version__
     from starling_local.files import free_bytes
+    from starling_local.llamacpp.cpu_kernels import cpu_kernels
     from starling_local.llamacpp.system import backend, llama_cpp_version, physical_cores
     from starling_local.paths import get_paths
 
     paths = get_paths()
     kind = backend()
+    kernels = cpu_kernels()
     return {
         "starling_local": __version__,
         "python": sys.version.split()[0],
@@ -109,6 +111,11 @@ def doctor_report() -> dict[str, Any]:
         "gpu_offload": kind != "CPU",
         "physical_cores": physical_cores(),
         "logical_cpus": os.cpu_count(),
+        "cpu_kernels": {
+            "extra_buffer_types": list(kernels.buffer_types),
+            "available": list(kernels.available),
+            "reason": kernels.reason,
+        },
         "paths": {
             "data": str(paths.data),
             "cache": str(paths.cache),
@@ -119,6 +126,12 @@ def doctor_report() -> dict[str, Any]:
         "free_disk_bytes": free_bytes(paths.data),
         "hint": None if kind != "CPU" else GPU_HINT,
     }
+
+
+def cpu_kernels_line(kernels: dict[str, Any]) -> str:
+    """`CPU_REPACK (AMX unusable: the probe died with SIGILL (cached probe))`."""
+    used = " + ".join(kernels["extra_buffer_types"]) or "plain weights"
+    return f"{used} ({kernels['reason']})"
 
 
 def run_doctor(args: argparse.Namespace) -> int:
@@ -134,6 +147,7 @@ def run_doctor(args: argparse.Namespace) -> int:
         ("llama-cpp-python", report["llama_cpp_python"]),
         ("backend", report["backend"] + (" (GPU offload)" if report["gpu_offload"] else "")),
         ("CPU threads", f"{report['physical_cores']} physical / {report['logical_cpus']} logical"),
+        ("CPU kernels", cpu_kernels_line(report["cpu_kernels"])),
         *((f"{k} dir", v) for k, v in report["paths"].items()),
         ("free disk", human_bytes(report["free_disk_bytes"])),
     ]

@@ -29,9 +29,9 @@ from starling_local.engine.types import (
     SamplingParams,
 )
 from starling_local.gguf.info import GGUFInfo, check_runnable
+from starling_local.llamacpp.cpu_kernels import cpu_kernels
 from starling_local.llamacpp.system import (
     backend,
-    extra_buffers_enabled,
     last_log_error,
     physical_cores,
     route_llama_log,
@@ -123,7 +123,9 @@ class Engine:
         if starling and self.info.eos_id != END_OF_TURN_ID:
             # Many third-party Starling GGUFs say eos 2 (`</s>`); the model ends turns with 32000.
             overrides["tokenizer.ggml.eos_token_id"] = END_OF_TURN_ID
-        defaults: dict[str, Any] = {} if extra_buffers_enabled() else {"use_extra_bufts": False}
+        #: Which CPU kernels (AMX, repacked weights) the weights go to: probed, see cpu_kernels.
+        self.cpu_kernels = None if vocab_only else cpu_kernels()
+        defaults: dict[str, Any] = dict(self.cpu_kernels.model_params() if self.cpu_kernels else {})
         if on_progress is not None:
 
             @llama_cpp.llama_progress_callback  # type: ignore[untyped-decorator]
@@ -371,7 +373,7 @@ class Engine:
             self.kv_type,
             self._adapter.version(),
             # Which kernels a batch takes (and so the exact batch) depends on these too.
-            f"repack={extra_buffers_enabled()}",
+            f"extra-buffers={self.cpu_kernels.describe() if self.cpu_kernels else ''}",
             f"tiled={os.environ.get('GGML_CPU_TILED_MM', '')}",
         )
 

@@ -112,18 +112,8 @@ def last_log_error(path: Path, limit: int = 4096) -> str:
 
 
 def extra_buffers_enabled() -> bool:
-    """Whether llama.cpp may use its extra CPU buffer types (AMX, weight repacking).
+    """Whether llama.cpp's programs (llama-server, llama-bench) may run with their default extra
+    CPU buffer types, as the engine runs (see `cpu_kernels`); if not, they need `--no-repack`."""
+    from starling_local.llamacpp.cpu_kernels import cpu_kernels
 
-    ggml's AMX kernels die with SIGILL ("Illegal instruction") on virtual machines that advertise
-    AMX without enabling it, and a build made with -march=native on such a CPU always contains
-    them. So when the build has AMX, extra buffers are off unless STARLING_CPU_EXTRA_BUFFERS=1.
-    """
-    from starling_local.config import environment
-
-    setting = environment().cpu_extra_buffers
-    if setting != "auto":
-        return setting == "on"
-    import llama_cpp
-
-    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
-    return "AMX_INT8 = 1" not in info
+    return cpu_kernels().whole_list

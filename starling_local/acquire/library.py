@@ -49,6 +49,11 @@ class LibraryEntry:
         return Path(self.path).is_file()
 
 
+#: Sources whose files the library made (and so may delete); "local" and "copy" entries name
+#: files the user keeps.
+OWNED_SOURCES = frozenset({"huggingface", "modelscope", "converted"})
+
+
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
@@ -166,18 +171,22 @@ class ModelLibrary:
         return entry
 
     def remove(self, name: str) -> LibraryEntry:
-        """Unregister a model and delete its file (and, for Hub files, the cached blob)."""
+        """Unregister a model. Its file is deleted only when the library made it (downloaded
+        or converted) and no other entry names it: a file the user registered from their own
+        folder (`pull ./mine.gguf`), or a copy's, is left where it is."""
         with self._locked():
             entries = self.entries()
             match = next((e for e in entries if e.name.lower() == name.lower()), None)
             if match is None:
                 raise UsageError(f"no model named {name!r} in the library (see `starling models`)")
-            path = Path(match.path)
-            with contextlib.suppress(FileNotFoundError):
-                if path.is_symlink():
-                    path.resolve().unlink()
-                path.unlink()
-            self._write([e for e in entries if e is not match])
+            rest = [e for e in entries if e is not match]
+            if match.source in OWNED_SOURCES and not any(e.path == match.path for e in rest):
+                path = Path(match.path)
+                with contextlib.suppress(FileNotFoundError):
+                    if path.is_symlink():
+                        path.resolve().unlink()
+                    path.unlink()
+            self._write(rest)
         return match
 
 

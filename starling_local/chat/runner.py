@@ -122,6 +122,19 @@ class ReplyRunner:
                 old.close()
             return True
 
+    def unload(self) -> bool:
+        """Free the engine once the running reply (if any) is done, leaving the runner open
+        for the next `attach` (a server's keep-alive); False if there was none to free."""
+        with self._turns:
+            with self._lock:
+                engine, self._engine, self._kv, self._in_file = self._engine, None, None, None
+            self._sequences.clear()
+            if engine is None:
+                return False
+            if self._owns_engine:
+                engine.close()
+            return True
+
     def close(self) -> None:
         """Stop a running reply, wait until it is recorded and its state saved, then free the
         engine (when owned: a benchmark keeps its own). Safe to call twice, from any thread."""

@@ -79,6 +79,10 @@ class ConversationService(Conversations):
         """Switch engines once the running reply is done (see `ReplyRunner.swap`)."""
         return self.runner.swap(engine, model_name)
 
+    def unload_engine(self) -> bool:
+        """Free the engine after the running reply (see `ReplyRunner.unload`)."""
+        return self.runner.unload()
+
     def close(self) -> None:
         """Stop a running reply, wait until it is recorded and its state saved, then free the
         engine (and the store, when owned). Safe to call twice and from any thread."""

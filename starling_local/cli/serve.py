@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import os
 import sys
 import threading
 from dataclasses import replace
@@ -27,8 +28,22 @@ def register(sub: Any) -> None:
         help="serve the model over an OpenAI-compatible API (/v1/chat/completions, ...)",
     )
     add_model_option(s)
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback)")
-    s.add_argument("--port", type=port, default=8000, help="port (default 8000; 0: any free one)")
+    s.add_argument("--host", default=None, help="address to bind (default: loopback)")
+    s.add_argument("--port", type=port, default=None, help="port (default 8000; 0: any free one)")
+    s.add_argument(
+        "--ollama",
+        action="store_true",
+        help="listen where Ollama would: $OLLAMA_HOST, else 127.0.0.1:11434 (tools set up for "
+        "Ollama then need no change; the OpenAI API stays on /v1)",
+    )
+    s.add_argument(
+        "--keep-alive",
+        type=keep_alive,
+        default=DEFAULT_KEEP_ALIVE,
+        metavar="DURATION",
+        help="free the model after this long without requests, load it again on the next "
+        "(Ollama's keep_alive: 5m, 1h, 30s, -1 = never; default 5m); requests may set their own",
+    )
     s.add_argument(
         "--api-key",
         default=None,
@@ -67,6 +82,35 @@ def register(sub: Any) -> None:
     s.set_defaults(handler=run_serve)
 
 
+DEFAULT_KEEP_ALIVE = 300.0
+
+
+def keep_alive(text: str) -> float | None:
+    from starling_local.server.model_slot import parse_keep_alive
+
+    try:
+        return parse_keep_alive(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def listen_address(args: argparse.Namespace) -> tuple[str, int]:
+    """--host/--port, or with --ollama Ollama's address ($OLLAMA_HOST: `host`, `host:port`,
+    `:port` or a URL; default 127.0.0.1:11434)."""
+    host, number = "127.0.0.1", 8000
+    if args.ollama:
+        number = 11434
+        value = os.environ.get("OLLAMA_HOST", "").strip()
+        value = value.split("://", 1)[-1].rstrip("/")
+        if value:
+            name, sep, tail = value.rpartition(":")
+            if sep and tail.isdigit() and "]" not in tail:
+                host, number = name.strip("[]") or host, int(tail)
+            else:
+                host = value.strip("[]")
+    return (args.host or host, args.port if args.port is not None else number)
+
+
 def port(text: str) -> int:
     try:
         value = int(text)
@@ -98,15 +142,18 @@ def run_serve(args: argparse.Namespace) -> int:
     from starling_local.chat.engines import open_engine
     from starling_local.chat.service import ConversationService
     from starling_local.chat.settings import ConversationSettings
+    from starling_local.engine.interface import EngineLike
     from starling_local.errors import StarlingError
     from starling_local.server.app import ServerConfig, StarlingServer, make_app
     from starling_local.server.http import make_server
+    from starling_local.server.model_slot import ModelSlot
     from starling_local.store.conversations import ConversationStore
 
+    host, port_number = listen_address(args)
     key = args.api_key or environment().api_key
-    if not is_loopback(args.host) and key is None:
+    if not is_loopback(host) and key is None:
         print(
-            f"starling: warning: serving on {args.host} without an API key: anyone who can reach "
+            f"starling: warning: serving on {host} without an API key: anyone who can reach "
             "this port can use the model (set --api-key or STARLING_API_KEY)",
             file=sys.stderr,
         )
@@ -123,13 +170,18 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         save=args.save,
         settings=ConversationSettings(policy=SystemPolicy(args.system_policy)),
-        loopback=is_loopback(args.host),
+        loopback=is_loopback(host),
         cors_origins=tuple(args.cors_origin),
         log_requests=not args.quiet,
         debug=args.log_level == "debug",
     )
     server = StarlingServer(service, config)
-    uv = make_server(make_app(server), host=args.host, port=args.port, on_stop=server.stop)
+
+    def opener(path: Path) -> tuple[EngineLike, str]:
+        return open_engine(replace(spec, model=str(path)))
+
+    server.slot = ModelSlot(service, None if spec.remote else opener, model, args.keep_alive)
+    uv = make_server(make_app(server), host=host, port=port_number, on_stop=server.stop)
     failed: list[StarlingError] = []
 
     def load() -> None:
@@ -141,11 +193,14 @@ def run_serve(args: argparse.Namespace) -> int:
             uv.should_exit = True
             return
         if service.attach_engine(engine, name):
+            assert server.slot is not None
+            server.slot.attached(model)
+            server.known_n_ctx = engine.n_ctx
             server.ready.set()
-            port = _bound_port(uv) or args.port
+            port = _bound_port(uv) or port_number
             print(
                 f"starling: serving {config.model_id} ({engine.backend}, {engine.n_ctx}-token "
-                f"context) at http://{args.host}:{port}/v1",
+                f"context) at http://{host}:{port}/v1 (Ollama's API at http://{host}:{port})",
                 file=sys.stderr,
                 flush=True,
             )

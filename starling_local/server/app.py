@@ -8,12 +8,14 @@ generation, also while its prompt is still being evaluated.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
@@ -25,7 +27,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from starling_local.chat.context import ContextOverflowError
 from starling_local.chat.service import (
     ConversationService,
     ReplyHooks,
@@ -35,18 +36,23 @@ from starling_local.chat.service import (
 )
 from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Mode, render_tokens
-from starling_local.chat.tools import call_grammar, describe
-from starling_local.engine.grammar import GrammarError
 from starling_local.engine.interface import EngineLike
-from starling_local.engine.remote import RemoteError
-from starling_local.engine.types import EngineClosedError
-from starling_local.errors import StarlingError, UsageError
+from starling_local.errors import StarlingError
 from starling_local.server.guard import BrowserGuard, RequestLog
-from starling_local.server.history import respond
+from starling_local.server.model_slot import Lease, ModelSlot
+from starling_local.server.ollama import OllamaAPI
+from starling_local.server.prepare import (
+    as_api_error,
+    budget,
+    chat_call,
+    check_bias,
+    check_finished,
+    error_response,
+    log_fields,
+)
 from starling_local.server.protocol import (
     MAX_BODY_BYTES,
     APIError,
-    ChatRequest,
     CompletionRequest,
     Generation,
     invalid,
@@ -97,12 +103,58 @@ class StarlingServer:
         self._admitted = 0
         self._admit_lock = threading.Lock()
         self.stopping = False
+        self.slot: ModelSlot | None = None
+        """The model's lifetime (keep-alive, switching); None: loaded once, kept."""
+        self.known_n_ctx = 0
 
     def stop(self) -> None:
         """Take no more requests, cancel the running and queued replies (a saved one keeps its
         partial text, marked cancelled), and free the model."""
         self.stopping = True
+        if self.slot is not None:
+            self.slot.close()
         self.service.close()
+
+    # --- the model ---------------------------------------------------------------------------
+
+    async def lease(self, path: Path | None = None) -> Lease:
+        """Hold the model a request runs on (None: the server's own), loading it first when
+        the keep-alive freed it or another model is loaded; `unlease` lets go."""
+        if self.stopping:
+            raise APIError(503, "the server is shutting down", kind="server_error", code="shutdown")
+        if not self.ready.is_set():
+            raise APIError(503, "the model is still loading", kind="server_error", code="loading")
+        slot = self.slot
+        if slot is None:
+            return Lease(Path(), 0)
+        try:
+            lease = await run_in_threadpool(slot.acquire, path)
+        except ServiceClosedError:
+            raise APIError(
+                503, "the server is shutting down", kind="server_error", code="shutdown"
+            ) from None
+        except StarlingError as exc:
+            message = f"the model could not be loaded: {exc}"
+            raise APIError(500, message, kind="server_error") from None
+        engine = self.service.engine
+        if engine is not None:
+            self.known_n_ctx = engine.n_ctx
+        return lease
+
+    def unlease(self, keep_alive: float | str | None = "default") -> None:
+        if self.slot is not None:
+            self.slot.release(keep_alive)
+
+    @contextlib.asynccontextmanager
+    async def leased(self, path: Path | None = None) -> AsyncIterator[LeaseScope]:
+        """`lease` for a block: let go at its end, unless a started reply took the lease over
+        (then it is let go when the reply ends)."""
+        scope = LeaseScope(self, await self.lease(path))
+        try:
+            yield scope
+        finally:
+            if not scope.handed:
+                self.unlease(scope.keep_alive)
 
     # --- plumbing ------------------------------------------------------------------------------
 
@@ -170,14 +222,39 @@ class StarlingServer:
         with self._admit_lock:
             self._admitted -= 1
 
-    def start(self, request: Request, call: Call) -> WorkerReply:
-        """Admit a request (or 429) and start its generation in a worker thread."""
+    def start(
+        self, request: Request, call: Call, after: Callable[[], None] | None = None
+    ) -> WorkerReply:
+        """Admit a request (or 429) and start its generation in a worker thread; `after` runs
+        in that thread when the generation is over."""
         self.admit()
+
+        def done() -> None:
+            self.release()
+            if after is not None:
+                after()
+
         try:
-            return WorkerReply(request, call, self.release)
+            return WorkerReply(request, call, done)
         except BaseException:
             self.release()
             raise
+
+
+@dataclass
+class LeaseScope:
+    """A request's lease on the model, for one block (see `StarlingServer.leased`)."""
+
+    server: StarlingServer
+    lease: Lease
+    keep_alive: float | str | None = "default"
+    handed: bool = False
+
+    def start(self, request: Request, call: Call) -> WorkerReply:
+        """Start the reply; it lets go of the lease when it ends."""
+        run = self.server.start(request, call, after=lambda: self.server.unlease(self.keep_alive))
+        self.handed = True
+        return run
 
 
 #: Characters that `str.splitlines` (and so many SSE clients, httpx's `iter_lines` among them)
@@ -185,34 +262,16 @@ class StarlingServer:
 _LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
 
 
+def _head(server: StarlingServer, generation: Generation, prefix: str) -> dict[str, Any]:
+    return {
+        "id": prefix + secrets.token_hex(12),
+        "created": int(time.time()),
+        "model": generation.model or server.config.model_id,
+    }
+
+
 def _sse(data: Any) -> str:
     return f"data: {json.dumps(data, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
-
-
-def _error_response(error: APIError) -> JSONResponse:
-    headers = {}
-    if error.status == 429:
-        headers["Retry-After"] = "1"
-    if error.status == 401:
-        headers["WWW-Authenticate"] = "Bearer"
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
-
-
-def _as_api_error(exc: Exception) -> APIError:
-    """The client's mistakes are 4xx; everything else (the engine, a remote, the store) 5xx."""
-    if isinstance(exc, APIError):
-        return exc
-    if isinstance(exc, ContextOverflowError):
-        return invalid(str(exc), "messages", "context_length_exceeded")
-    if isinstance(exc, UsageError | GrammarError):
-        return invalid(str(exc))
-    if isinstance(exc, ServiceClosedError | EngineClosedError):
-        return APIError(503, "the server is shutting down", kind="server_error", code="shutdown")
-    if isinstance(exc, RemoteError):
-        return APIError(502, str(exc), kind="server_error", code="remote_engine")
-    if isinstance(exc, StarlingError):
-        return APIError(500, str(exc), kind="server_error")
-    return APIError(500, f"internal error: {type(exc).__name__}", kind="server_error")
 
 
 def _cap_ids(ids: list[int], what: str) -> None:
@@ -223,28 +282,6 @@ def _cap_ids(ids: list[int], what: str) -> None:
 def _cap_text(text: str, what: str) -> None:
     if len(text) > MAX_CHARS:
         raise APIError(413, f"{what}: at most {MAX_CHARS} characters", code="text_too_long")
-
-
-def _check_bias(generation: Generation, vocab_size: int) -> None:
-    for token, _ in generation.settings.sampling.logit_bias:
-        if not 0 <= token < vocab_size:
-            raise invalid(f"'logit_bias': token id {token} is not in the vocabulary", "logit_bias")
-
-
-def _with_tool_call(req: ChatRequest) -> None:
-    """A demanded call: the functions described in the system prompt, a grammar for one call."""
-    functions = req.called_functions()
-    settings = req.generation.settings
-    if settings.sampling.grammar is not None:
-        raise invalid(
-            "'response_format' and a demanded tool call cannot be combined", "tool_choice"
-        )
-    try:
-        grammar = call_grammar(functions)
-    except GrammarError as exc:
-        raise invalid(str(exc), "tools", "unsupported_schema") from None
-    system = "\n\n".join(s for s in (settings.system, describe(functions)) if s)
-    req.generation.settings = replace(settings, system=system).with_sampling(grammar=grammar)
 
 
 def make_app(server: StarlingServer) -> Starlette:
@@ -260,7 +297,7 @@ def make_app(server: StarlingServer) -> Starlette:
                 response: Response = await handler(request)
                 return response
             except Exception as exc:  # every error is an OpenAI error object, never a 500 page
-                return _error_response(_as_api_error(exc))
+                return error_response(as_api_error(exc))
 
         return wrapped
 
@@ -272,7 +309,10 @@ def make_app(server: StarlingServer) -> Starlette:
         return JSONResponse({"status": "ok"})
 
     def model_cards() -> list[dict[str, Any]]:
-        n_ctx = server.engine().n_ctx
+        engine = server.service.engine
+        n_ctx = engine.n_ctx if engine is not None else server.known_n_ctx
+        if not server.ready.is_set() or not n_ctx:
+            server.engine()  # 503 while the model loads
         return [
             {
                 "id": name,
@@ -298,125 +338,119 @@ def make_app(server: StarlingServer) -> Starlette:
 
     async def chat(request: Request) -> Response:
         req = parse_chat(await server.body(request), server.config.settings)
-        engine = server.engine()
-        mode = server.mode_of(req.generation.model)
-        if mode is not None:
-            req.generation.settings = replace(req.generation.settings, mode=mode)
-        _check_bias(req.generation, engine.vocab_size)
-        tool_call = req.wants_call
-        if tool_call:
-            _with_tool_call(req)
-        _budget(req.generation, engine.n_ctx)
-
-        client = request.headers.get("x-starling-client") or req.user
-        _log_fields(request, req.generation, tools=len(req.tools), tool_choice=req.tool_choice)
-
-        def call(hooks: ReplyHooks, cancel: threading.Event) -> ReplyOutcome:
-            return respond(
-                server.service,
-                req.messages,
-                req.generation.settings,
-                hooks=hooks,
-                cancel=cancel,
-                stop=req.generation.stop,
-                save=server.config.save,
-                client_id=client,
+        async with server.leased() as scope:
+            engine = server.engine()
+            mode = server.mode_of(req.generation.model)
+            if mode is not None:
+                req.generation.settings = replace(req.generation.settings, mode=mode)
+            tool_call = req.wants_call
+            call = chat_call(server.service, engine, req, request, save=server.config.save)
+            formatter = ChatFormatter(
+                _head(server, req.generation, "chatcmpl-"),
+                engine.token_bytes,
+                tool_call=tool_call,
+                include_usage=req.generation.include_usage,
+                logprobs=req.generation.logprobs is not None,
             )
-
-        formatter = ChatFormatter(
-            _head(server, req.generation, "chatcmpl-"),
-            engine.token_bytes,
-            tool_call=tool_call,
-            include_usage=req.generation.include_usage,
-            logprobs=req.generation.logprobs is not None,
-        )
-        return await _respond(server, request, req.generation, call, formatter)
+            return await _respond(scope, request, req.generation, call, formatter)
 
     async def completions(request: Request) -> Response:
         req: CompletionRequest = parse_completion(
             await server.body(request), server.config.settings
         )
-        engine = server.engine()
-        server.mode_of(req.generation.model)
-        _check_bias(req.generation, engine.vocab_size)
-        grammar = req.generation.settings.sampling.grammar
-        check = getattr(engine, "check_grammar", None)  # a remote engine checks its own
-        if grammar is not None and grammar.kind == "gbnf" and check is not None:
-            try:
-                check(grammar)
-            except StarlingError as exc:
-                raise invalid(str(exc), "structured_outputs", "bad_grammar") from None
-        if req.prompt_ids is not None:
-            _cap_ids(req.prompt_ids, "prompt")
-            tokens = req.prompt_ids
-        else:
-            text = req.prompt_text or ""
-            _cap_text(text, "prompt")
-            tokens = await run_in_threadpool(engine.tokenize, text, bos=True, special=True)
-        _budget(req.generation, engine.n_ctx)
-        _log_fields(request, req.generation, prompt_tokens=len(tokens), echo=req.echo)
+        async with server.leased() as scope:
+            engine = server.engine()
+            server.mode_of(req.generation.model)
+            check_bias(req.generation, engine.vocab_size)
+            grammar = req.generation.settings.sampling.grammar
+            check = getattr(engine, "check_grammar", None)  # a remote engine checks its own
+            if grammar is not None and grammar.kind == "gbnf" and check is not None:
+                try:
+                    check(grammar)
+                except StarlingError as exc:
+                    raise invalid(str(exc), "structured_outputs", "bad_grammar") from None
+            if req.prompt_ids is not None:
+                _cap_ids(req.prompt_ids, "prompt")
+                tokens = req.prompt_ids
+            else:
+                text = req.prompt_text or ""
+                _cap_text(text, "prompt")
+                tokens = await run_in_threadpool(engine.tokenize, text, bos=True, special=True)
+            budget(req.generation, engine.n_ctx)
+            log_fields(request, req.generation, prompt_tokens=len(tokens), echo=req.echo)
 
-        def call(hooks: ReplyHooks, cancel: threading.Event) -> ReplyOutcome:
-            return server.service.complete(
+            def call(hooks: ReplyHooks, cancel: threading.Event) -> ReplyOutcome:
+                return server.service.complete(
+                    tokens,
+                    req.generation.settings.sampling,
+                    hooks=hooks,
+                    cancel=cancel,
+                    stop=req.generation.stop,
+                    stop_ids=req.stop_token_ids,
+                )
+
+            echo = None
+            if req.echo:
+                echo = req.prompt_text
+                if echo is None:
+                    echo = await run_in_threadpool(engine.detokenize, tokens)
+            formatter = CompletionFormatter(
+                _head(server, req.generation, "cmpl-"),
+                engine.token_bytes,
                 tokens,
-                req.generation.settings.sampling,
-                hooks=hooks,
-                cancel=cancel,
-                stop=req.generation.stop,
-                stop_ids=req.stop_token_ids,
+                token_ids=req.return_token_ids,
+                include_usage=req.generation.include_usage,
+                logprobs=req.generation.logprobs is not None,
+                echo=echo,
+                tokens_as_ids=req.tokens_as_ids,
             )
-
-        echo = None
-        if req.echo:
-            echo = req.prompt_text
-            if echo is None:
-                echo = await run_in_threadpool(engine.detokenize, tokens)
-        formatter = CompletionFormatter(
-            _head(server, req.generation, "cmpl-"),
-            engine.token_bytes,
-            tokens,
-            token_ids=req.return_token_ids,
-            include_usage=req.generation.include_usage,
-            logprobs=req.generation.logprobs is not None,
-            echo=echo,
-            tokens_as_ids=req.tokens_as_ids,
-        )
-        return await _respond(server, request, req.generation, call, formatter)
+            return await _respond(scope, request, req.generation, call, formatter)
 
     async def tokenize(request: Request) -> Response:
         body = await server.body(request)
-        engine = server.engine()
-        if isinstance(body.get("messages"), list):
-            chat_req = parse_chat({**body, "model": body.get("model", "")}, server.config.settings)
-            s = chat_req.generation.settings
-            _cap_text("".join(m.content for m in chat_req.messages), "messages")
-            tokens = await run_in_threadpool(
-                render_tokens, chat_req.messages, engine.tokenize_text, s.system, s.style
+        async with server.leased():
+            engine = server.engine()
+            if isinstance(body.get("messages"), list):
+                chat_req = parse_chat(
+                    {**body, "model": body.get("model", "")}, server.config.settings
+                )
+                s = chat_req.generation.settings
+                _cap_text("".join(m.content for m in chat_req.messages), "messages")
+                tokens = await run_in_threadpool(
+                    render_tokens, chat_req.messages, engine.tokenize_text, s.system, s.style
+                )
+            else:
+                text = body.get("content", body.get("prompt"))
+                if not isinstance(text, str):
+                    raise invalid(
+                        "send 'content' (or 'prompt') as a string, or 'messages'", "content"
+                    )
+                _cap_text(text, "content")
+                special = body.get("add_special", body.get("add_special_tokens", False))
+                tokens = await run_in_threadpool(
+                    engine.tokenize, text, bos=bool(special), special=True
+                )
+            return JSONResponse(
+                {"tokens": tokens, "count": len(tokens), "max_model_len": engine.n_ctx}
             )
-        else:
-            text = body.get("content", body.get("prompt"))
-            if not isinstance(text, str):
-                raise invalid("send 'content' (or 'prompt') as a string, or 'messages'", "content")
-            _cap_text(text, "content")
-            special = body.get("add_special", body.get("add_special_tokens", False))
-            tokens = await run_in_threadpool(engine.tokenize, text, bos=bool(special), special=True)
-        return JSONResponse({"tokens": tokens, "count": len(tokens), "max_model_len": engine.n_ctx})
 
     async def detokenize(request: Request) -> Response:
         body = await server.body(request)
-        engine = server.engine()
-        tokens = body.get("tokens")
-        if not isinstance(tokens, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) for t in tokens
-        ):
-            raise invalid("'tokens' must be a list of token ids", "tokens")
-        _cap_ids(tokens, "tokens")
-        if any(not 0 <= t < engine.vocab_size for t in tokens):
-            raise invalid("a token id is not in the vocabulary", "tokens")
-        text = await run_in_threadpool(engine.detokenize, tokens)
-        return JSONResponse({"content": text, "prompt": text})
+        async with server.leased():
+            engine = server.engine()
+            tokens = body.get("tokens")
+            if not isinstance(tokens, list) or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in tokens
+            ):
+                raise invalid("'tokens' must be a list of token ids", "tokens")
+            _cap_ids(tokens, "tokens")
+            if any(not 0 <= t < engine.vocab_size for t in tokens):
+                raise invalid("a token id is not in the vocabulary", "tokens")
+            text = await run_in_threadpool(engine.detokenize, tokens)
+            return JSONResponse({"content": text, "prompt": text})
 
     routes = [Route("/health", endpoint(health, public=True), methods=["GET"])]
+    routes += OllamaAPI(server).routes()
     # Every API route also answers without the /v1 prefix, as llama-server's do.
     for prefix in ("/v1", ""):
         routes += [
@@ -434,9 +468,9 @@ def make_app(server: StarlingServer) -> Starlette:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-            return _error_response(APIError(405, message, code="method_not_allowed"))
+            return error_response(APIError(405, message, code="method_not_allowed"))
         message = f"no such route: {request.method} {request.url.path}"
-        return _error_response(APIError(exc.status_code, message, code="not_found"))
+        return error_response(APIError(exc.status_code, message, code="not_found"))
 
     config = server.config
     middleware = []
@@ -461,54 +495,14 @@ def make_app(server: StarlingServer) -> Starlette:
     )
 
 
-def _log_fields(request: Request, generation: Generation, **extra: Any) -> None:
-    """What `--log-level debug` shows of a request (see `guard.RequestLog`)."""
-    s = generation.settings.sampling
-    request.state.fields = {
-        "model": generation.model,
-        "stream": generation.stream,
-        "max_tokens": generation.max_tokens,
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "seed": s.seed,
-        "stop": generation.stop,
-        "grammar": s.grammar.kind if s.grammar else None,
-        "logprobs": s.logprobs,
-        **extra,
-    }
-
-
-def _head(server: StarlingServer, generation: Generation, prefix: str) -> dict[str, Any]:
-    return {
-        "id": prefix + secrets.token_hex(12),
-        "created": int(time.time()),
-        "model": generation.model or server.config.model_id,
-    }
-
-
-def _budget(generation: Generation, n_ctx: int) -> None:
-    """Without `max_tokens`, a reply may run to the end of the context window."""
-    limit = n_ctx if generation.max_tokens is None else generation.max_tokens
-    generation.settings = generation.settings.with_sampling(max_tokens=limit)
-
-
-def _check_finished(outcome: ReplyOutcome) -> None:
-    """A reply that failed or was cancelled (the server is stopping) is an error, never a
-    reply that looks complete."""
-    if outcome.error:
-        raise APIError(500, outcome.error, kind="server_error")
-    if outcome.stats.stop_reason == "cancelled":
-        raise APIError(503, "the reply was cancelled", kind="server_error", code="cancelled")
-
-
 async def _respond(
-    server: StarlingServer,
+    scope: LeaseScope,
     request: Request,
     generation: Generation,
     call: Call,
     formatter: Formatter,
 ) -> Response:
-    run = server.start(request, call)
+    run = scope.start(request, call)
     events = run.events()
     # The request may wait for its turn; once the prompt is accepted (it fits the context...)
     # generation starts. Errors before that are answered with their status, not in a stream.
@@ -522,7 +516,7 @@ async def _respond(
                 outcome = item
         assert outcome is not None
         request.state.usage = usage(outcome)
-        _check_finished(outcome)
+        check_finished(outcome)
         return JSONResponse(formatter.whole(outcome))
 
     async def stream() -> AsyncIterator[str]:
@@ -532,7 +526,7 @@ async def _respond(
             async for item in events:
                 if isinstance(item, ReplyOutcome):
                     request.state.usage = usage(item)
-                    _check_finished(item)  # else an error event, and no finish_reason
+                    check_finished(item)  # else an error event, and no finish_reason
                     for last in formatter.last(item):
                         yield _sse(last)
                 elif isinstance(item, Piece):
@@ -541,7 +535,7 @@ async def _respond(
                         yield _sse(chunk)
             yield "data: [DONE]\n\n"
         except Exception as exc:  # after the headers: the error goes in the stream
-            yield _sse(_as_api_error(exc).body())
+            yield _sse(as_api_error(exc).body())
         finally:
             await events.aclose()
 

@@ -285,12 +285,35 @@ def long_context() -> str:
     return table(head, rows)
 
 
+def cpu_kernels() -> str:
+    figures = load("cpu-2core-kernels.json")["kernels"]
+    names = {"0.5b": "0.5B shape", "7b": "7B shape"}
+    rows = []
+    for shape, f in figures.items():
+        d, p = f["decode"], f["prompt"]
+        rows.append(
+            [
+                f"{names.get(shape, shape)}, Q4_K_M",
+                f["kernels"],
+                f"{n(d['llama_bench_tokens_per_s'])} / {n(d['starling_tokens_per_s'])} tok/s",
+                f"**{d['ratio']:.3f}**",
+                f"{n(p['llama_bench_tokens_per_s'])} / {n(p['starling_tokens_per_s'])} tok/s",
+                f"**{p['ratio']:.3f}**",
+            ]
+        )
+    tokens = next(iter(figures.values()))["tokens"]
+    head = ["model", "CPU kernels (why)", f"decode, llama-bench / starling ({tokens} tokens)",
+            "ratio", "prompt (512 tokens), llama-bench / starling", "ratio"]  # fmt: skip
+    return table(head, rows)
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "cuda-decode": cuda_decode,
     "cpu": cpu,
     "speculative-prompts": speculative_prompts,
     "batch-cost": batch_cost,
     "long-context": long_context,
+    "cpu-kernels": cpu_kernels,
 }
 
 

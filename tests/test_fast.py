@@ -314,3 +314,43 @@ def test_preferences_survive_a_hand_edited_file() -> None:
     prefs = Preferences.from_json({"theme": 3, "speculate": "yes", "default_model": "beta"})
     assert prefs == Preferences(default_model="beta")
     assert Preferences.from_json(["not", "an", "object"]) == Preferences()
+
+
+def test_serve_ollama_listens_where_ollama_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from starling_local.cli.serve import listen_address
+
+    def address(**given: object) -> tuple[str, int]:
+        args = argparse.Namespace(**{"host": None, "port": None, "ollama": False, **given})
+        return listen_address(args)
+
+    monkeypatch.delenv("OLLAMA_HOST", raising=False)
+    assert address() == ("127.0.0.1", 8000)
+    assert address(ollama=True) == ("127.0.0.1", 11434)
+    for value, expected in [
+        ("127.0.0.1:11500", ("127.0.0.1", 11500)),
+        ("http://localhost:9999/", ("localhost", 9999)),
+        ("0.0.0.0", ("0.0.0.0", 11434)),
+        ("[::1]:11434", ("::1", 11434)),
+        (":12000", ("127.0.0.1", 12000)),
+    ]:
+        monkeypatch.setenv("OLLAMA_HOST", value)
+        assert address(ollama=True) == expected, value
+    assert address(ollama=True, port=1234) == ("127.0.0.1", 1234)  # --port wins
+    assert address() == ("127.0.0.1", 8000)  # without --ollama, OLLAMA_HOST is not read
+
+
+def test_keep_alive_durations_read_as_ollama_reads_them() -> None:
+    from starling_local.server.model_slot import parse_keep_alive
+
+    assert parse_keep_alive("5m") == 300 and parse_keep_alive("1h30m") == 5400
+    assert parse_keep_alive("10s") == 10 and parse_keep_alive(0) == 0
+    assert parse_keep_alive("500ms") == 0.5 and parse_keep_alive("2.5") == 2.5
+    assert parse_keep_alive(-1) is None and parse_keep_alive("-1m") is None
+    for bad in ("soon", "5", "5x", "", True):
+        if bad == "5":
+            assert parse_keep_alive(bad) == 5  # a bare number is seconds
+            continue
+        with pytest.raises(ValueError):
+            parse_keep_alive(bad)

@@ -19,6 +19,8 @@ import pytest
 from tests.fake_hub import FakeHub, start
 from tests.server_helpers import Served, serve
 
+FIXTURES = Path(__file__).parent / "fixtures"
+
 HELLO_IDS = [
     1,
     420,
@@ -145,7 +147,6 @@ def test_options_reach_the_sampler(client: ollama.Client) -> None:
         "temperature": 1.0,
         "seed": 7,
         "top_k": 50,
-        "num_ctx": 512,
         "unknown_option": True,
     }
     a = client.chat(model="starling", messages=hello, options=opts)
@@ -364,3 +365,131 @@ console.log(JSON.stringify({ text, done: last.done, reason: last.done_reason,
     out = json.loads(r.stdout)
     assert out["done"] and out["reason"] == "length" and out["prompt"] == 17 and out["text"]
     assert out["models"][0] == "tiny-q4_k_m:latest"
+
+
+def test_continue_and_copilot_read_what_they_need_at_start_up(served: Served) -> None:
+    """Their start-up calls as they make them: Continue's Ollama provider sends
+    `/api/show {"name": ...}` and reads `model_info.*.context_length`, each `parameters` line
+    with `^(\\S+)\\s+((?:".*")|\\S+)$` (`num_ctx`, `stop`), and `.Suffix` in `template` for
+    fill-in-the-middle; VS Code's Copilot Chat wants a numeric `/api/version` of at least
+    0.6.4 and `capabilities` in `/api/show {"model": ...}` before it lists a model."""
+    import re
+
+    show = httpx.post(served.url + "/api/show", json={"name": "tiny-q4_k_m:latest"}).json()
+    context = [v for k, v in show["model_info"].items() if k.endswith(".context_length")]
+    assert context == [8192]
+    params: dict[str, list[str]] = {}
+    for line in show["parameters"].split("\n"):
+        parts = re.match(r'^(\S+)\s+((?:".*")|\S+)$', line)
+        assert parts, line
+        params.setdefault(parts[1], []).append(parts[2])
+    assert params["num_ctx"] == ["8192"]
+    assert [json.loads(v) for v in params["stop"]] == ["<|end_of_turn|>"]
+    assert ".Suffix" not in show["template"]  # no fill-in-the-middle offered
+
+    version = httpx.get(served.url + "/api/version").json()["version"]
+    assert tuple(int(p) for p in version.split(".")) >= (0, 6, 4)
+    copilot = httpx.post(served.url + "/api/show", json={"model": "tiny-q4_k_m:latest"}).json()
+    assert "completion" in copilot["capabilities"]
+    arch = copilot["model_info"]["general.architecture"]
+    assert copilot["model_info"][f"{arch}.context_length"] == 8192
+
+
+def test_ollama_chats_are_saved_with_save(tiny_q4: Path, tmp_path: Path) -> None:
+    with serve(tiny_q4, tmp_path, "--save") as s:
+        c = ollama.Client(host=s.url)
+        c.chat(model="starling", messages=[{"role": "user", "content": "Remember me"}],
+               options={"num_predict": 3})  # fmt: skip
+    from tests.cli_helpers import starling
+
+    listed = starling("history", "show", "1", home=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    assert "Remember me" in listed.stdout
+
+
+def test_open_webuis_ollama_connection(served: Served) -> None:
+    """What Open WebUI 0.12.4 sends to an Ollama backend with default settings (see the
+    fixture's `_source`): the model list, the chat with its 36 built-in tools, streamed, then
+    the title task (`num_predict` 1000) and the tags task, not streamed."""
+    fixture = json.loads((FIXTURES / "openwebui-0.12.4-ollama.json").read_text())
+    assert httpx.get(served.url + "/api/version").status_code == 200
+    name = httpx.get(served.url + "/api/tags").json()["models"][0]["name"]
+    chat = {**fixture["chat"], "model": name}
+    assert len(chat["tools"]) == 36
+    chat["options"] = {"num_predict": 8}
+    with httpx.stream("POST", served.url + "/api/chat", json=chat) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert lines[-1]["done"] and lines[-1]["done_reason"] == "length"
+    assert lines[-1]["prompt_eval_count"] < 40  # the tools are not offered under auto
+    for task in ("title", "tags"):
+        body = {**fixture[task], "model": name}
+        body["options"] = {**body.get("options", {}), "num_predict": 8}
+        reply = httpx.post(served.url + "/api/chat", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        data = reply.json()
+        assert data["done"] and data["message"]["role"] == "assistant"
+
+
+def test_num_ctx_loads_the_model_with_that_window(client: ollama.Client) -> None:
+    hello = [{"role": "user", "content": "Hello"}]
+    small = client.chat(
+        model="starling", messages=hello, options={"num_ctx": 1024, "num_predict": 2}
+    )
+    assert small.load_duration is not None and small.load_duration > 0
+    assert client.ps().models[0].context_length == 1024
+    again = client.chat(
+        model="starling", messages=hello, options={"num_ctx": 1024, "num_predict": 2}
+    )
+    assert again.load_duration == 0  # the same window: no reload
+    client.chat(model="starling", messages=hello, options={"num_predict": 2})
+    assert client.ps().models[0].context_length == 1024  # no num_ctx: whatever is loaded
+    client.chat(model="starling", messages=hello, options={"num_ctx": 8192, "num_predict": 2})
+    assert client.ps().models[0].context_length == 8192
+
+
+def test_repeat_last_n_reaches_the_penalty(served: Served) -> None:
+    """`repeat_last_n` (Ollama's option, also a field of the OpenAI-shaped body as on
+    llama-server): a bias makes "Hello" (22557) repeat; a penalty that looks at no token (0)
+    leaves the repeats, one over the whole window (-1) stops them."""
+    from starling_local.server.ollama_format import options_body
+
+    assert options_body({"options": {"repeat_last_n": -1}}) == {"repeat_last_n": -1}
+
+    def hellos(last_n: int) -> int:
+        body = {
+            "model": "tiny-q4_k_m",
+            "messages": [{"role": "user", "content": "Hello"}],
+            "max_tokens": 24,
+            "temperature": 0,
+            "logit_bias": {"22557": 5},
+            "repetition_penalty": 1.5,
+            "repeat_last_n": last_n,
+        }
+        r = httpx.post(served.v1 + "/chat/completions", json=body, timeout=60)
+        return str(r.json()["choices"][0]["message"]["content"]).split().count("Hello")
+
+    assert hellos(0) >= 20 and hellos(-1) < 5
+
+
+def test_langchain_binds_tools_and_the_key_guards_the_ollama_routes(
+    tiny_q4: Path, tmp_path: Path
+) -> None:
+    from langchain_ollama import ChatOllama
+
+    with serve(tiny_q4, tmp_path, "--api-key", "s3cret") as s:
+        assert httpx.get(s.url + "/api/tags").status_code == 401
+        assert httpx.get(s.url + "/").text == "Ollama is running"  # as /health: open
+        headers = {"Authorization": "Bearer s3cret"}
+        llm = ChatOllama(
+            model="starling", base_url=s.url, num_predict=4, client_kwargs={"headers": headers}
+        )
+
+        def weather(city: str) -> str:
+            """The weather in a city."""
+            return "sunny"
+
+        reply = llm.bind_tools([weather]).invoke("Weather in Paris?")
+        assert reply.response_metadata["done_reason"] in ("stop", "length")
+        assert reply.tool_calls == []  # tools under auto are not offered (see the README)

@@ -235,6 +235,18 @@ def test_models_rm(hub: FakeHub, env: dict[str, str]) -> None:
     assert_one_line_error(run(env, "models", "rm", "nope"), 2, "no model named")
 
 
+def test_models_rm_keeps_a_file_the_user_registered(
+    env: dict[str, str], tiny_q4: Path, tmp_path: Path
+) -> None:
+    own = tmp_path / "mine.gguf"
+    own.write_bytes(tiny_q4.read_bytes())
+    assert run(env, "pull", str(own)).returncode == 0
+    r = run(env, "models", "rm", "mine")
+    assert r.returncode == 0, r.stderr
+    assert "your file stays" in str(r.stdout) and own.exists()
+    assert json.loads(run(env, "models", "--json").stdout) == []
+
+
 def test_unknown_repo_is_one_line(env: dict[str, str]) -> None:
     r = run(env, "pull", "someone/nothing-here/model.gguf")
     assert_one_line_error(r, 1, "no such repository")

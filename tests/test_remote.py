@@ -272,7 +272,10 @@ def vllm_url(distinct_checkpoint: Path) -> Iterator[str]:
     process = subprocess.Popen(
         [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(distinct_checkpoint),
          "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048",
-         "--served-model-name", "starling-tiny"],
+         "--served-model-name", "starling-tiny",
+         # float32 everywhere: with "auto" vLLM computes in bfloat16 on CPUs with AVX512-BF16
+         # and its greedy ids leave llama.cpp's after a token or two.
+         "--dtype", "float32"],
         stdout=log, stderr=subprocess.STDOUT,
         env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_NO_USAGE_STATS="1",
                  HF_HUB_OFFLINE="1", DO_NOT_TRACK="1"),

@@ -461,3 +461,15 @@ def test_streamed_text_with_unicode_line_breaks_stays_one_event_a_line(server: S
     chunks = events(server, "/chat/completions", body)
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
     assert "\x85" in text
+
+
+@pytest.mark.parametrize("bad", [32002, 40000, -5])
+def test_an_id_outside_the_vocabulary_is_a_400_on_every_path(server: Served, bad: int) -> None:
+    """llama.cpp aborts the whole process (std::out_of_range) on such an id; it never gets
+    there: a prompt of ids, echoed or not, and /detokenize."""
+    for extra in ({}, {"echo": True}, {"echo": True, "max_tokens": 0, "logprobs": 1}):
+        r = post(server, "/completions", {"prompt": [1, 22557, bad], "max_tokens": 1, **extra})
+        assert r.status_code == 400 and "vocabulary" in r.json()["error"]["message"], r.text
+    r = httpx.post(f"{server.url}/detokenize", json={"tokens": [22557, bad]})
+    assert r.status_code == 400
+    assert httpx.get(f"{server.url}/health").json()["status"] == "ok"

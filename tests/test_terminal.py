@@ -115,7 +115,10 @@ def test_quit_mid_reply_twenty_times(tiny_q4: Path, starling_home: Path, tmp_pat
     starling = Path(sys.executable).with_name("starling")
     store = ConversationStore(starling_home / "data" / "starling.db")
     # Greedy: this prompt's reply is the same 2,548 tokens every time (the random model would
-    # sometimes sample <|end_of_turn|> early and finish before the quit).
+    # sometimes sample <|end_of_turn|> early and finish before the quit). One thread: on a fast
+    # machine two decode the whole reply in under two seconds, which a busy terminal can take
+    # to deliver Ctrl+Q.
+    pin = "taskset -c 0 " if shutil.which("taskset") else ""
     params = {"temperature": 0.0, "max_tokens": 4000}
     ids = [store.create(title=f"quit {i}", params=params).id for i in range(QUITS)]
     statuses = []
@@ -123,8 +126,8 @@ def test_quit_mid_reply_twenty_times(tiny_q4: Path, starling_home: Path, tmp_pat
         session = f"starling-quit-{os.getpid()}-{i}"
         rc_file = tmp_path / f"rc-{i}"
         command = (
-            f"env STARLING_HOME={starling_home} {starling} chat --model {tiny_q4} --ctx 4096 "
-            f"--conversation {cid}; echo $? > {rc_file}"
+            f"env STARLING_HOME={starling_home} {pin}{starling} chat --model {tiny_q4} "
+            f"--ctx 4096 --conversation {cid}; echo $? > {rc_file}"
         )
         with terminal(session, command):
             wait_for(session, "tiny-q4_k_m.gguf", timeout=60)  # loaded (slow on a busy machine)

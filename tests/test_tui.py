@@ -470,7 +470,7 @@ async def test_models_screen_uses_defaults_and_deletes(
         await until(pilot, lambda: isinstance(app.screen, ConfirmScreen))
         await pilot.click("#yes")
         await until(pilot, lambda: library.find("tiny") is None)
-        assert not (tmp_path / "tiny.gguf").exists()
+        assert (tmp_path / "tiny.gguf").exists()  # registered from the user's folder: kept
 
 
 def _snapshot_app(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[StarlingApp, Any]:

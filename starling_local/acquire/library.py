@@ -48,6 +48,11 @@ class LibraryEntry:
     def exists(self) -> bool:
         return Path(self.path).is_file()
 
+    @property
+    def owned(self) -> bool:
+        """Whether the library made the file (and `remove` may delete it)."""
+        return self.source in OWNED_SOURCES
+
 
 #: Sources whose files the library made (and so may delete); "local" and "copy" entries name
 #: files the user keeps.

@@ -70,7 +70,8 @@ def run_extra(
             shape: kernel_figures(
                 synthetic_model(shape),
                 llama_bench,
-                tokens=min(tokens, 64),
+                tokens=tokens,
+                rounds=5,
                 n_gpu_layers=n_gpu_layers,
             )
             for shape in kernels

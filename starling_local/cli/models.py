@@ -85,7 +85,10 @@ def run_models(args: argparse.Namespace) -> int:
         if not args.name:
             raise UsageError("usage: starling models rm NAME")
         removed = library.remove(args.name)
-        print(f"removed {removed.name} ({removed.path})")
+        if removed.owned:
+            print(f"removed {removed.name} (deleted {removed.path})")
+        else:
+            print(f"removed {removed.name} from the library (your file stays: {removed.path})")
         return 0
     entries = library.entries()
     if args.json:

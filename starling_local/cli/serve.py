@@ -177,8 +177,8 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     server = StarlingServer(service, config)
 
-    def opener(path: Path) -> tuple[EngineLike, str]:
-        return open_engine(replace(spec, model=str(path)))
+    def opener(path: Path, n_ctx: int | None) -> tuple[EngineLike, str]:
+        return open_engine(replace(spec, model=str(path), n_ctx=n_ctx or spec.n_ctx))
 
     server.slot = ModelSlot(service, None if spec.remote else opener, model, args.keep_alive)
     uv = make_server(make_app(server), host=host, port=port_number, on_stop=server.stop)
@@ -194,7 +194,7 @@ def run_serve(args: argparse.Namespace) -> int:
             return
         if service.attach_engine(engine, name):
             assert server.slot is not None
-            server.slot.attached(model)
+            server.slot.attached(model, engine.n_ctx)
             server.known_n_ctx = engine.n_ctx
             server.ready.set()
             port = _bound_port(uv) or port_number

@@ -218,6 +218,7 @@ def make_sampler(
     presence_penalty: float = 0.0,
     logit_bias: Sequence[tuple[int, float]] = (),
     grammar: str | None = None,
+    repeat_last_n: int = 64,
 ) -> Any:
     """llama.cpp's sampler chain in the order its own `common_sampler` uses: logit bias,
     penalties (repeat, frequency, presence), then greedy at temperature 0, else top-k, typical,
@@ -231,7 +232,7 @@ def make_sampler(
             sampler.add_logit_bias(int(llm.n_vocab()), dict(logit_bias))
         sampler.add_penalties(
             n_vocab=int(llm.n_vocab()),
-            penalty_last_n=int(llm.last_n_tokens_size),
+            penalty_last_n=int(llm.n_ctx()) if repeat_last_n < 0 else repeat_last_n,
             penalty_repeat=repeat_penalty,
             penalty_freq=frequency_penalty,
             penalty_present=presence_penalty,

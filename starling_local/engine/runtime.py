@@ -399,6 +399,7 @@ class Engine:
                 top_p=params.top_p,
                 min_p=params.min_p,
                 repeat_penalty=params.repeat_penalty,
+                repeat_last_n=params.repeat_last_n,
                 frequency_penalty=params.frequency_penalty,
                 presence_penalty=params.presence_penalty,
                 logit_bias=params.logit_bias,

@@ -47,6 +47,9 @@ class SamplingParams:
     top_k: int = 40
     min_p: float = 0.05
     repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    """How many recent tokens the repeat, frequency and presence penalties look at (llama.cpp's
+    default 64; 0: none; -1: the whole context window)."""
     max_tokens: int = 1024
     seed: int | None = None
     frequency_penalty: float = 0.0

@@ -117,7 +117,7 @@ class StarlingServer:
 
     # --- the model ---------------------------------------------------------------------------
 
-    async def lease(self, path: Path | None = None) -> Lease:
+    async def lease(self, path: Path | None = None, n_ctx: int | None = None) -> Lease:
         """Hold the model a request runs on (None: the server's own), loading it first when
         the keep-alive freed it or another model is loaded; `unlease` lets go."""
         if self.stopping:
@@ -128,7 +128,7 @@ class StarlingServer:
         if slot is None:
             return Lease(Path(), 0)
         try:
-            lease = await run_in_threadpool(slot.acquire, path)
+            lease = await run_in_threadpool(slot.acquire, path, n_ctx)
         except ServiceClosedError:
             raise APIError(
                 503, "the server is shutting down", kind="server_error", code="shutdown"
@@ -279,6 +279,16 @@ def _cap_ids(ids: list[int], what: str) -> None:
         raise APIError(413, f"{what}: at most {MAX_IDS} token ids", code="too_many_tokens")
 
 
+def _check_vocab(ids: list[int], vocab_size: int, what: str) -> None:
+    """Every id must be a token before it reaches llama.cpp (which aborts the process on one
+    that is not, e.g. when detokenizing an echoed prompt)."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise invalid(
+            f"'{what}': token id {bad} is not in the vocabulary (0-{vocab_size - 1})", what
+        )
+
+
 def _cap_text(text: str, what: str) -> None:
     if len(text) > MAX_CHARS:
         raise APIError(413, f"{what}: at most {MAX_CHARS} characters", code="text_too_long")
@@ -371,6 +381,7 @@ def make_app(server: StarlingServer) -> Starlette:
                     raise invalid(str(exc), "structured_outputs", "bad_grammar") from None
             if req.prompt_ids is not None:
                 _cap_ids(req.prompt_ids, "prompt")
+                _check_vocab(req.prompt_ids, engine.vocab_size, "prompt")
                 tokens = req.prompt_ids
             else:
                 text = req.prompt_text or ""
@@ -444,8 +455,7 @@ def make_app(server: StarlingServer) -> Starlette:
             ):
                 raise invalid("'tokens' must be a list of token ids", "tokens")
             _cap_ids(tokens, "tokens")
-            if any(not 0 <= t < engine.vocab_size for t in tokens):
-                raise invalid("a token id is not in the vocabulary", "tokens")
+            _check_vocab(tokens, engine.vocab_size, "tokens")
             text = await run_in_threadpool(engine.detokenize, tokens)
             return JSONResponse({"content": text, "prompt": text})
 

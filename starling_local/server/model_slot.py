@@ -18,7 +18,8 @@ from pathlib import Path
 from starling_local.chat.service import ConversationService
 from starling_local.engine.interface import EngineLike
 
-Opener = Callable[[Path], tuple[EngineLike, str]]
+Opener = Callable[[Path, int | None], tuple[EngineLike, str]]
+"""Loads a model file with a context window (None: the server's)."""
 #: Ollama's default keep-alive: five minutes.
 DEFAULT_KEEP_ALIVE_S = 300.0
 
@@ -55,6 +56,8 @@ class ModelSlot:
         self._closed = False
         self._generation = 0  # bumps on every load/unload: stale timers do nothing
         self.loaded_at = 0.0
+        self._n_ctx: tuple[int | None, int] = (None, 0)
+        """(the window asked for at load, the one the engine has)."""
 
     # --- what is loaded ----------------------------------------------------------------------
 
@@ -69,18 +72,25 @@ class ModelSlot:
         with self._cond:
             return self._expires if self.path is not None else None
 
-    def attached(self, path: Path) -> None:
+    def attached(self, path: Path, n_ctx: int) -> None:
         """The model the server loaded at start-up (no opener involved)."""
         with self._cond:
             self.path = path
+            self._n_ctx = (None, n_ctx)
             self.loaded_at = time.time()
             self._set_expiry(self.keep_alive_s)
 
     # --- leases ------------------------------------------------------------------------------
 
-    def acquire(self, path: Path | None = None) -> Lease:
-        """Hold `path` (default: the server's model) loaded, loading or switching to it first;
-        blocks while another model is in use. Raises what the opener raises."""
+    def _fits(self, path: Path, n_ctx: int | None) -> bool:
+        asked, has = self._n_ctx
+        return self.path == path and (n_ctx is None or n_ctx in (asked, has))
+
+    def acquire(self, path: Path | None = None, n_ctx: int | None = None) -> Lease:
+        """Hold `path` (default: the server's model) loaded, with a context window of `n_ctx`
+        tokens if given (Ollama's `num_ctx`: another window loads the model again, as Ollama
+        does), loading or switching first; blocks while another model is in use. Raises what
+        the opener raises."""
         path = path or self.default
         with self._cond:
             while True:
@@ -88,11 +98,11 @@ class ModelSlot:
                     from starling_local.chat.service import ServiceClosedError
 
                     raise ServiceClosedError("the server is shutting down")
-                if self.path == path and not self._loading:
+                if self._fits(path, n_ctx) and not self._loading:
                     self._leases += 1
                     return Lease(path, 0)
                 if not self._loading and (self.path is None or self._leases == 0):
-                    break
+                    break  # load, or switch: nothing holds the loaded one
                 self._cond.wait(0.5)
             self._loading = True
             old = self.path
@@ -104,7 +114,7 @@ class ModelSlot:
                     self.path = None
             if self._opener is None:
                 raise RuntimeError("this server cannot load models")
-            engine, name = self._opener(path)
+            engine, name = self._opener(path, n_ctx)
             if not self.service.attach_engine(engine, name):
                 engine.close()
                 from starling_local.chat.service import ServiceClosedError
@@ -116,6 +126,7 @@ class ModelSlot:
                 self._cond.notify_all()
         with self._cond:
             self.path = path
+            self._n_ctx = (n_ctx, engine.n_ctx)
             self.loaded_at = time.time()
             self._generation += 1
             self._leases += 1

@@ -31,6 +31,7 @@ from starling_local.server import ollama_format as fmt
 from starling_local.server.model_slot import Lease, parse_keep_alive
 from starling_local.server.prepare import as_api_error, budget, chat_call, check_bias
 from starling_local.server.protocol import APIError, parse_chat
+from starling_local.server.responses import usage
 from starling_local.server.run import Piece
 from starling_local.vocab import END_OF_TURN_ID
 
@@ -222,8 +223,8 @@ class OllamaAPI:
 
     # --- replies -----------------------------------------------------------------------------
 
-    async def _lease(self, path: Path | None) -> Lease:
-        return await self.server.lease(path)
+    async def _lease(self, path: Path | None, body: dict[str, Any]) -> Lease:
+        return await self.server.lease(path, fmt.num_ctx(body))
 
     def _keep_alive(self, body: dict[str, Any]) -> float | str | None:
         if "keep_alive" not in body or body["keep_alive"] is None:
@@ -234,7 +235,12 @@ class OllamaAPI:
             raise APIError(400, str(exc)) from None
 
     async def _load_only(
-        self, path: Path | None, keep: float | str | None, shape: str, name: str
+        self,
+        path: Path | None,
+        keep: float | str | None,
+        shape: str,
+        name: str,
+        request_body: dict[str, Any],
     ) -> Response:
         """An empty request: load the model (`done_reason` load), or with `keep_alive` 0
         unload it (`unload`)."""
@@ -244,7 +250,7 @@ class OllamaAPI:
             if slot is not None and (path is None or slot.path == path):
                 await run_in_threadpool(slot.unload)
         else:
-            await self._lease(path)
+            await self._lease(path, request_body)
             self.server.unlease(keep)
         body: dict[str, Any] = {"model": name, "created_at": fmt.now()}
         body |= (
@@ -264,9 +270,9 @@ class OllamaAPI:
         keep = self._keep_alive(body)
         if not body.get("messages"):
             fmt.refuse_unsupported(body, name)
-            return await self._load_only(path, keep, "chat", name)
+            return await self._load_only(path, keep, "chat", name, body)
         req = parse_chat(fmt.chat_body(body, name), self.server.config.settings)
-        lease = await self._lease(path)
+        lease = await self._lease(path, body)
         try:
             engine = self.server.engine()
             tool_call = req.wants_call
@@ -287,7 +293,7 @@ class OllamaAPI:
             return out
 
         return await self._reply(
-            run, stream, name, "chat", message, timings, engine,
+            request, run, stream, name, "chat", message, timings, engine,
             tool_call=tool_call, logprobs=req.generation.logprobs is not None,
         )  # fmt: skip
 
@@ -299,15 +305,17 @@ class OllamaAPI:
         keep = self._keep_alive(body)
         fmt.refuse_unsupported(body, name)
         if not body.get("prompt"):
-            return await self._load_only(path, keep, "generate", name)
+            return await self._load_only(path, keep, "generate", name, body)
         context = body.get("context") or []
         if not isinstance(context, list) or not all(
             isinstance(t, int) and not isinstance(t, bool) for t in context
         ):
             raise APIError(400, "'context' must be a list of token ids")
         openai = {"model": name, "messages": fmt.generate_messages(body), **fmt.options_body(body)}
+        if body.get("logprobs"):
+            openai |= {"logprobs": True, "top_logprobs": body.get("top_logprobs")}
         req = parse_chat(openai, self.server.config.settings)
-        lease = await self._lease(path)
+        lease = await self._lease(path, body)
         try:
             engine = self.server.engine()
             if any(not 0 <= t < engine.vocab_size for t in context):
@@ -352,12 +360,13 @@ class OllamaAPI:
             return out
 
         return await self._reply(
-            run, stream, name, "generate", response, timings, engine,
+            request, run, stream, name, "generate", response, timings, engine,
             logprobs=req.generation.logprobs is not None,
         )  # fmt: skip
 
     async def _reply(
         self,
+        request: Request,
         run: Any,
         stream: bool,
         name: str,
@@ -381,6 +390,7 @@ class OllamaAPI:
             return {key: part} if key else part
 
         def last(outcome: ReplyOutcome, text: str) -> dict[str, Any]:
+            request.state.usage = usage(outcome)  # the request log's figures
             if outcome.stats.stop_reason == "cancelled":
                 raise APIError(503, "the reply was cancelled", kind="server_error")
             reason = fmt.done_reason(outcome)

@@ -38,6 +38,7 @@ OPTIONS = {
     "top_p": "top_p",
     "min_p": "min_p",
     "repeat_penalty": "repetition_penalty",
+    "repeat_last_n": "repeat_last_n",
     "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty",
     "seed": "seed",
@@ -59,9 +60,9 @@ def iso(timestamp: float) -> str:
 
 
 def options_body(body: dict[str, Any]) -> dict[str, Any]:
-    """`options` (and the top-level `format`) as OpenAI-shaped fields. Options Ollama knows
-    but that do not apply here (`num_ctx`, `num_gpu`, `mirostat`...) are ignored, as Ollama
-    ignores unknown ones."""
+    """`options` (and the top-level `format`) as OpenAI-shaped fields (`num_ctx` is the model
+    slot's, see `num_ctx`). Options that do not apply here (`num_gpu`, `mirostat`...) are
+    ignored, as Ollama ignores unknown ones."""
     options = body.get("options") or {}
     if not isinstance(options, dict):
         raise invalid("'options' must be an object", "options")
@@ -89,6 +90,21 @@ def options_body(body: dict[str, Any]) -> dict[str, Any]:
     elif fmt not in (None, ""):
         raise invalid("'format' must be \"json\" or a JSON schema object", "format")
     return out
+
+
+#: The smallest `num_ctx` honoured (smaller ones are raised to it).
+MIN_NUM_CTX = 256
+
+
+def num_ctx(body: dict[str, Any]) -> int | None:
+    """`options.num_ctx`: the context window the request wants (None: whatever is loaded)."""
+    options = body.get("options")
+    value = options.get("num_ctx") if isinstance(options, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise invalid("'options.num_ctx' must be a positive integer", "options")
+    return max(MIN_NUM_CTX, value)
 
 
 def refuse_unsupported(body: dict[str, Any], model: str) -> None:
@@ -122,6 +138,8 @@ def chat_body(body: dict[str, Any], model: str) -> dict[str, Any]:
             name = m.get("tool_name") or m.get("name")
             if isinstance(name, str):
                 message["name"] = name
+            if isinstance(m.get("tool_call_id"), str):  # Open WebUI sends the call's id
+                message["tool_call_id"] = m["tool_call_id"]
         messages.append(message)
     out: dict[str, Any] = {"model": model, "messages": messages, **options_body(body)}
     if body.get("tools"):
@@ -143,7 +161,8 @@ def _openai_calls(calls: Any, index: int) -> list[dict[str, Any]]:
             raise invalid(f"messages[{index}].tool_calls[{k}] needs function.name", "messages")
         arguments = fn.get("arguments") or {}
         text = arguments if isinstance(arguments, str) else json.dumps(arguments)
-        out.append({"id": f"call_{index}_{k}", "type": "function",
+        call_id = call.get("id") if isinstance(call.get("id"), str) else f"call_{index}_{k}"
+        out.append({"id": call_id, "type": "function",
                     "function": {"name": fn["name"], "arguments": text}})  # fmt: skip
     return out
 

@@ -223,6 +223,9 @@ def _generation(
     penalty = _number(body, "repetition_penalty", 0.0, 10.0)
     if penalty is not None:
         sampling["repeat_penalty"] = penalty
+    last_n = _integer(body, "repeat_last_n", -1, 1 << 20)  # llama-server's field too
+    if last_n is not None:
+        sampling["repeat_last_n"] = last_n
     for key in ("frequency_penalty", "presence_penalty"):
         value = _number(body, key, -2.0, 2.0)
         if value is not None:

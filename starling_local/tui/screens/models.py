@@ -245,10 +245,18 @@ class ModelsScreen(Screen[None]):
         if name is None:
             return
 
+        entry = ModelLibrary().find(name)
+        owned = entry is None or entry.owned
+
         def done(yes: bool | None) -> None:
             if yes:
                 ModelLibrary().remove(name)
                 self.refresh_rows()
-                self.notify(f"Deleted {name}.")
+                self.notify(f"Deleted {name}." if owned else f"Removed {name}; the file stays.")
 
-        self.app.push_screen(ConfirmScreen(f"Delete {name} from disk?"), done)
+        question = (
+            f"Delete {name} from disk?"
+            if owned
+            else f"Remove {name} from the library? Your file stays where it is."
+        )
+        self.app.push_screen(ConfirmScreen(question), done)

@@ -146,10 +146,15 @@ class StarlingServer:
             self.slot.release(keep_alive)
 
     @contextlib.asynccontextmanager
-    async def leased(self, path: Path | None = None) -> AsyncIterator[LeaseScope]:
+    async def leased(
+        self,
+        path: Path | None = None,
+        n_ctx: int | None = None,
+        keep_alive: float | str | None = "default",
+    ) -> AsyncIterator[LeaseScope]:
         """`lease` for a block: let go at its end, unless a started reply took the lease over
-        (then it is let go when the reply ends)."""
-        scope = LeaseScope(self, await self.lease(path))
+        (then it is let go when the reply ends), the model kept `keep_alive` more seconds."""
+        scope = LeaseScope(self, await self.lease(path, n_ctx), keep_alive)
         try:
             yield scope
         finally:

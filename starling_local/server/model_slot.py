@@ -55,6 +55,7 @@ class ModelSlot:
         self._expires: float | None = None
         self._closed = False
         self._generation = 0  # bumps on every load/unload: stale timers do nothing
+        self._timer: threading.Timer | None = None
         self.loaded_at = 0.0
         self._n_ctx: tuple[int | None, int] = (None, 0)
         """(the window asked for at load, the one the engine has)."""
@@ -149,15 +150,17 @@ class ModelSlot:
 
     def _set_expiry(self, seconds: float | None) -> None:
         self._generation += 1
+        if self._timer is not None:  # one timer at a time, however many requests came
+            self._timer.cancel()
+            self._timer = None
         if seconds is None:
             self._expires = None
             return
         self._expires = time.time() + max(0.0, seconds)
-        generation = self._generation
         if seconds > 0:
-            timer = threading.Timer(seconds, self._expire, args=(generation,))
-            timer.daemon = True
-            timer.start()
+            self._timer = threading.Timer(seconds, self._expire, args=(self._generation,))
+            self._timer.daemon = True
+            self._timer.start()
 
     def _expire(self, generation: int) -> None:
         with self._cond:
@@ -186,6 +189,8 @@ class ModelSlot:
         with self._cond:
             self._closed = True
             self._generation += 1
+            if self._timer is not None:
+                self._timer.cancel()
             self._cond.notify_all()
 
 

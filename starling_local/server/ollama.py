@@ -28,7 +28,7 @@ from starling_local.chat.template import render_tokens
 from starling_local.engine.types import SamplingParams
 from starling_local.gguf.info import GGUFInfo, read_gguf
 from starling_local.server import ollama_format as fmt
-from starling_local.server.model_slot import Lease, parse_keep_alive
+from starling_local.server.model_slot import parse_keep_alive
 from starling_local.server.prepare import as_api_error, budget, chat_call, check_bias
 from starling_local.server.protocol import APIError, parse_chat
 from starling_local.server.responses import usage
@@ -223,9 +223,6 @@ class OllamaAPI:
 
     # --- replies -----------------------------------------------------------------------------
 
-    async def _lease(self, path: Path | None, body: dict[str, Any]) -> Lease:
-        return await self.server.lease(path, fmt.num_ctx(body))
-
     def _keep_alive(self, body: dict[str, Any]) -> float | str | None:
         if "keep_alive" not in body or body["keep_alive"] is None:
             return "default"
@@ -250,8 +247,8 @@ class OllamaAPI:
             if slot is not None and (path is None or slot.path == path):
                 await run_in_threadpool(slot.unload)
         else:
-            await self._lease(path, request_body)
-            self.server.unlease(keep)
+            async with self.server.leased(path, fmt.num_ctx(request_body), keep):
+                pass
         body: dict[str, Any] = {"model": name, "created_at": fmt.now()}
         body |= (
             {"message": {"role": "assistant", "content": ""}}
@@ -272,18 +269,14 @@ class OllamaAPI:
             fmt.refuse_unsupported(body, name)
             return await self._load_only(path, keep, "chat", name, body)
         req = parse_chat(fmt.chat_body(body, name), self.server.config.settings)
-        lease = await self._lease(path, body)
-        try:
+        async with self.server.leased(path, fmt.num_ctx(body), keep) as scope:
             engine = self.server.engine()
             tool_call = req.wants_call
             call = chat_call(
                 self.server.service, engine, req, request, save=self.server.config.save
             )
-            run = self.server.start(request, call, after=lambda: self.server.unlease(keep))
-        except BaseException:
-            self.server.unlease(keep)
-            raise
-        timings = fmt.Timings(started, lease.load_ns)
+            run = scope.start(request, call)
+        timings = fmt.Timings(started, scope.lease.load_ns)
         stream = body.get("stream") is not False
 
         def message(outcome: ReplyOutcome | None, text: str) -> dict[str, Any]:
@@ -315,8 +308,7 @@ class OllamaAPI:
         if body.get("logprobs"):
             openai |= {"logprobs": True, "top_logprobs": body.get("top_logprobs")}
         req = parse_chat(openai, self.server.config.settings)
-        lease = await self._lease(path, body)
-        try:
+        async with self.server.leased(path, fmt.num_ctx(body), keep) as scope:
             engine = self.server.engine()
             if any(not 0 <= t < engine.vocab_size for t in context):
                 raise APIError(400, "'context' holds a token id that is not in the vocabulary")
@@ -345,11 +337,8 @@ class OllamaAPI:
                     prompt, sampling, hooks=hooks, cancel=cancel, stop=stop
                 )
 
-            run = self.server.start(request, call, after=lambda: self.server.unlease(keep))
-        except BaseException:
-            self.server.unlease(keep)
-            raise
-        timings = fmt.Timings(started, lease.load_ns)
+            run = scope.start(request, call)
+        timings = fmt.Timings(started, scope.lease.load_ns)
         stream = body.get("stream") is not False
 
         def response(outcome: ReplyOutcome | None, text: str) -> dict[str, Any]:

@@ -387,6 +387,9 @@ def test_serve_can_itself_generate_remotely(served: Served, tiny_q4: Path, tmp_p
     with serve(tiny_q4, tmp_path, "--remote", served.url) as front:
         assert "remote OpenAI API" in front.banner
         relayed = httpx.post(f"{front.v1}/chat/completions", json=body, timeout=60).json()
+        echo = {"prompt": "Hello", "echo": True, "max_tokens": 2}
+        refused = httpx.post(f"{front.v1}/completions", json=echo, timeout=60)
+        assert refused.status_code == 400 and "--remote" in refused.json()["error"]["message"]
     assert relayed["choices"][0]["message"] == direct["choices"][0]["message"]
     assert relayed["usage"]["prompt_tokens"] == 17
 

@@ -410,8 +410,7 @@ def test_models_retrieve_and_json_errors_for_unknown_routes(
 ) -> None:
     model = client.models.retrieve("tiny-q4_k_m")
     assert model.id == "tiny-q4_k_m" and model.owned_by == "starling-local"
-    with pytest.raises(openai.NotFoundError):
-        client.models.retrieve("gpt-4o")
+    assert client.models.retrieve("gpt-4o").id == "gpt-4o"  # any name is the served model
     for method, path, status in (
         ("GET", "/v1/nothing", 404),
         ("GET", "/v1/chat/completions", 405),
@@ -473,3 +472,97 @@ def test_an_id_outside_the_vocabulary_is_a_400_on_every_path(server: Served, bad
     r = httpx.post(f"{server.url}/detokenize", json={"tokens": [22557, bad]})
     assert r.status_code == 400
     assert httpx.get(f"{server.url}/health").json()["status"] == "ok"
+
+
+def test_any_model_name_is_the_served_model(client: openai.OpenAI, server: Served) -> None:
+    """As llama-server: the README's `model="starling"`, LangChain's default `gpt-3.5-turbo`,
+    any other name; the response names the served model. `NAME:code` is code mode."""
+    for name in ("starling", "gpt-3.5-turbo", "tiny-q4_k_m"):
+        r = client.chat.completions.create(model=name, messages=HELLO, max_tokens=2)
+        assert r.model == "tiny-q4_k_m"
+    ids = httpx.post(f"{server.url}/tokenize", json={"messages": HELLO, "mode": "code"}).json()
+    assert ids["tokens"][:2] == [1, 7596]  # "Code User:"
+
+
+def test_empty_content_is_a_turn_like_any_other(server: Served) -> None:
+    body = {"messages": [{"role": "user", "content": ""}], "max_tokens": 2}
+    r = post(server, "/chat/completions", body)
+    assert r.status_code == 200, r.text
+
+
+def test_ollamas_format_and_vllms_guided_json_hold_the_reply(server: Served) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    for extra in ({"format": schema}, {"guided_json": schema}, {"guided_json": json.dumps(schema)}):
+        r = post(server, "/chat/completions", {"messages": HELLO, "max_tokens": 64, **extra})
+        content = r.json()["choices"][0]["message"]["content"]
+        assert set(json.loads(content)) == {"ok"}, extra
+    loose = post(
+        server,
+        "/chat/completions",
+        {"messages": HELLO, "max_tokens": 200, "temperature": 0, "format": "json"},
+    ).json()
+    if loose["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(loose["choices"][0]["message"]["content"]), dict)
+    suffix = post(server, "/completions", {"prompt": "def f(", "suffix": "x", "max_tokens": 2})
+    assert suffix.status_code == 400 and "fill-in-the-middle" in suffix.text
+
+
+def test_a_forced_call_cut_by_max_tokens_is_a_200_with_length(
+    client: openai.OpenAI, server: Served
+) -> None:
+    tool = {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string"}},
+                "required": ["query"],
+            },
+        },
+    }
+    choice = {"type": "function", "function": {"name": "lookup"}}
+    r = client.chat.completions.create(
+        model="x", messages=HELLO, tools=[tool], tool_choice=choice, max_tokens=6
+    )  # type: ignore[arg-type]
+    assert r.choices[0].finish_reason == "length"
+    call = r.choices[0].message.tool_calls[0]  # type: ignore[index]
+    assert call.function.name in ("", "lookup") and isinstance(call.function.arguments, str)
+    stream = client.chat.completions.create(
+        model="x", messages=HELLO, tools=[tool], tool_choice=choice, max_tokens=6, stream=True
+    )  # type: ignore[arg-type]
+    finishes = [c.choices[0].finish_reason for c in stream if c.choices]
+    assert finishes[-1] == "length"
+
+
+def test_browsers_on_loopback_read_replies(server: Served) -> None:
+    origin = {"Origin": "http://localhost:3000"}
+    pre = httpx.options(
+        f"{server.v1}/chat/completions",
+        headers={
+            **origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type,authorization",
+        },
+    )
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-origin"] == "http://localhost:3000"
+    r = httpx.post(
+        f"{server.v1}/chat/completions",
+        headers=origin,
+        json={"messages": HELLO, "max_tokens": 2},
+        timeout=60,
+    )
+    assert r.status_code == 200
+    assert r.headers["access-control-allow-origin"] == "http://localhost:3000"
+    other = httpx.post(
+        f"{server.v1}/chat/completions",
+        headers={"Origin": "https://evil.example"},
+        json={"messages": HELLO, "max_tokens": 2},
+    )
+    assert other.status_code == 403
+
+
+def test_a_wrong_method_says_which_are_allowed(server: Served) -> None:
+    r = httpx.get(f"{server.v1}/chat/completions")
+    assert r.status_code == 405 and "POST" in r.headers["allow"]

@@ -29,8 +29,11 @@ def fit_messages(
     conversation that ends with a reply gets that reply continued."""
     if not messages or messages[-1].role not in ("user", "assistant"):
         raise UsageError("a reply needs a conversation that ends with a user message")
-    if not messages[-1].content.strip() and not messages[-1].tokens:
-        raise UsageError("the message is empty")
+    last = messages[-1]
+    if last.role == "assistant" and not last.content.strip() and not last.tokens:
+        # (An empty user message is a turn like any other: the API accepts it, as OpenAI's
+        # does; the app and `ask` refuse to send one before it gets here.)
+        raise UsageError("there is no reply to continue: the last reply is empty")
     return fit_prompt(
         messages,
         engine.tokenize_text,

@@ -16,6 +16,7 @@ Starling has no tool tokens and no tool turns. So:
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -89,6 +90,26 @@ def parse_call(text: str) -> ToolCall:
     except (ValueError, KeyError, TypeError) as exc:
         raise UsageError(f"the reply is not a function call: {exc}") from None
     return ToolCall(new_call_id(), str(name), json.dumps(arguments, ensure_ascii=False))
+
+
+_NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
+_ARGUMENTS = re.compile(r'"arguments"\s*:\s*')
+
+
+def parse_partial_call(text: str) -> ToolCall:
+    """A call the token budget cut short: the name if it was written, and the arguments as far
+    as they got (as OpenAI answers a call cut at `max_tokens`)."""
+    try:
+        return parse_call(text)
+    except UsageError:
+        pass
+    name = _NAME.search(text)
+    arguments = _ARGUMENTS.search(text)
+    return ToolCall(
+        new_call_id(),
+        json.loads(f'"{name.group(1)}"') if name else "",
+        text[arguments.end() :] if arguments else "",
+    )
 
 
 def calls_text(content: str, calls: Sequence[ToolCall]) -> str:

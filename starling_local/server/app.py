@@ -37,6 +37,7 @@ from starling_local.chat.service import (
 from starling_local.chat.settings import ConversationSettings
 from starling_local.chat.template import Mode, render_tokens
 from starling_local.engine.interface import EngineLike
+from starling_local.engine.remote import RemoteEngine
 from starling_local.errors import StarlingError
 from starling_local.server.guard import BrowserGuard, RequestLog
 from starling_local.server.model_slot import Lease, ModelSlot
@@ -64,6 +65,8 @@ from starling_local.server.responses import ChatFormatter, CompletionFormatter, 
 from starling_local.server.run import Call, Piece, WorkerReply
 
 OWNER = "starling-local"
+#: Browser origins on a loopback address, any port (what `guard.BrowserGuard` lets through).
+LOOPBACK_ORIGIN = r"https?://(localhost|[\w-]+\.localhost|127(\.\d{1,3}){3}|\[::1\])(:\d+)?"
 #: The most token ids a request may send (a prompt, /detokenize), and characters to tokenize:
 #: past them 413. Tokenizing and detokenizing run off the event loop, in linear time.
 MAX_IDS = 1 << 16
@@ -198,17 +201,10 @@ class StarlingServer:
         return engine
 
     def mode_of(self, model: str) -> Mode | None:
-        """The mode a model name asks for; APIError if it is not this server's model."""
-        names = {self.config.model_id: None, f"{self.config.model_id}:code": Mode.CODE}
-        names[self.service.model_name] = None
-        if model in ("", *names):
-            return names.get(model)
-        raise APIError(
-            404,
-            f"the model {model!r} does not exist here; this server has {self.config.model_id!r}",
-            code="model_not_found",
-            param="model",
-        )
+        """The mode a model name asks for. Every name is this server's model (its id, its
+        library name, `starling`, or whatever a client sends by default, as llama-server
+        answers any name); `NAME:code` asks for code mode."""
+        return Mode.CODE if model.endswith(":code") else None
 
     def admit(self) -> None:
         if self.stopping:
@@ -271,7 +267,7 @@ def _head(server: StarlingServer, generation: Generation, prefix: str) -> dict[s
     return {
         "id": prefix + secrets.token_hex(12),
         "created": int(time.time()),
-        "model": generation.model or server.config.model_id,
+        "model": server.config.model_id,  # the served model, whatever name was sent
     }
 
 
@@ -406,6 +402,10 @@ def make_app(server: StarlingServer) -> Starlette:
                 )
 
             echo = None
+            if req.echo and isinstance(engine, RemoteEngine):
+                raise invalid(
+                    "'echo' is not supported when a remote engine generates (--remote)", "echo"
+                )
             if req.echo:
                 echo = req.prompt_text
                 if echo is None:
@@ -483,7 +483,9 @@ def make_app(server: StarlingServer) -> Starlette:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-            return error_response(APIError(405, message, code="method_not_allowed"))
+            response = error_response(APIError(405, message, code="method_not_allowed"))
+            response.headers.update(exc.headers or {})  # Allow: the methods it takes
+            return response
         message = f"no such route: {request.method} {request.url.path}"
         return error_response(APIError(exc.status_code, message, code="not_found"))
 
@@ -494,17 +496,19 @@ def make_app(server: StarlingServer) -> Starlette:
     middleware.append(
         Middleware(BrowserGuard, loopback=config.loopback, origins=config.cors_origins)
     )
-    if config.cors_origins:
-        middleware.append(
-            Middleware(
-                CORSMiddleware,
-                allow_origins=list(config.cors_origins),
-                allow_methods=["GET", "POST", "OPTIONS"],
-                allow_headers=["*"],
-                expose_headers=["Retry-After"],
-                max_age=600,
-            )
+    # Browsers: loopback origins on any port always (as Ollama allows them), and the
+    # --cors-origin ones; preflights answered and Access-Control-Allow-Origin on replies.
+    middleware.append(
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_origin_regex=LOOPBACK_ORIGIN,
+            allow_methods=["GET", "HEAD", "POST", "DELETE", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["Retry-After"],
+            max_age=600,
         )
+    )
     return Starlette(
         routes=routes, exception_handlers={HTTPException: http_error}, middleware=middleware
     )

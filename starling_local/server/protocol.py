@@ -209,6 +209,11 @@ def _generation(
     n = _integer(body, "n", 1)
     if n is not None and n != 1:
         raise invalid("only n=1 is supported (one reply per request)", "n")
+    best_of = _integer(body, "best_of", 1)
+    if best_of is not None and best_of != 1:
+        raise invalid("only best_of=1 is supported (one candidate per request)", "best_of")
+    if body.get("suffix"):
+        raise invalid("'suffix' is not supported: Starling has no fill-in-the-middle", "suffix")
     sampling: dict[str, Any] = {}
     for key, low, high in (("temperature", 0.0, 2.0), ("top_p", 0.0, 1.0), ("min_p", 0.0, 1.0)):
         value = _number(body, key, low, high)
@@ -363,11 +368,45 @@ def _structured_outputs(body: dict[str, Any]) -> Grammar | None:
     )
 
 
+def _ollama_format(body: dict[str, Any]) -> Grammar | None:
+    """Ollama's `format` (`"json"` or a schema), which Open WebUI sends on /v1 too."""
+    fmt = body.get("format")
+    try:
+        if fmt == "json":
+            return json_object_grammar()
+        if isinstance(fmt, dict):
+            return schema_grammar(fmt)
+    except GrammarError as exc:
+        raise invalid(str(exc), "format", "unsupported_schema") from None
+    if fmt not in (None, ""):
+        raise invalid("'format' must be \"json\" or a JSON schema object", "format")
+    return None
+
+
+def _guided_json(body: dict[str, Any]) -> Grammar | None:
+    """vLLM's older `guided_json` (a schema, or its JSON text)."""
+    spec = body.get("guided_json")
+    if isinstance(spec, str):
+        try:
+            spec = json.loads(spec)
+        except ValueError:
+            raise invalid("'guided_json' is not valid JSON", "guided_json") from None
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise invalid("'guided_json' must be a JSON schema object", "guided_json")
+    try:
+        return schema_grammar(spec)
+    except GrammarError as exc:
+        raise invalid(str(exc), "guided_json", "unsupported_schema") from None
+
+
 def _response_format(body: dict[str, Any]) -> Grammar | None:
-    """`response_format` (or vLLM's `structured_outputs`) as a grammar (None: plain text)."""
+    """`response_format` (or vLLM's `structured_outputs` / `guided_json`, or Ollama's
+    `format`) as a grammar (None: plain text)."""
     fmt = body.get("response_format")
     if fmt is None:
-        return _structured_outputs(body)
+        return _structured_outputs(body) or _guided_json(body) or _ollama_format(body)
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     try:
         if kind == "text":
@@ -439,8 +478,10 @@ def _messages(raw: Any) -> tuple[list[str], list[Message]]:
             )
     if not messages:
         raise invalid("the messages hold no user message", "messages")
-    if not messages[-1].content.strip():
-        raise invalid("the last message is empty", "messages")
+    # An empty user message is a turn like any other (OpenAI accepts it); an empty last
+    # assistant message would be a reply to continue with nothing in it.
+    if messages[-1].role == "assistant" and not messages[-1].content.strip():
+        raise invalid("the last message is an empty reply: nothing to continue", "messages")
     return system, messages
 
 

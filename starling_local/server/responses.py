@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from starling_local.chat.service import ReplyOutcome
-from starling_local.chat.tools import parse_call
+from starling_local.chat.tools import parse_call, parse_partial_call
 from starling_local.engine.logprobs import TokenLogprob
 from starling_local.server.run import Piece
 
@@ -70,10 +70,12 @@ class ChatFormatter:
         return {"content": [self._entry(lp) for lp in entries], "refusal": None}
 
     def _finish(self, outcome: ReplyOutcome) -> str:
-        return "tool_calls" if self.tool_call else FINISH[outcome.stats.stop_reason]
+        cut = outcome.stats.stop_reason == "length"
+        return "tool_calls" if self.tool_call and not cut else FINISH[outcome.stats.stop_reason]
 
     def _calls(self, outcome: ReplyOutcome) -> list[dict[str, Any]]:
-        call = parse_call(outcome.text)
+        cut = outcome.stats.stop_reason == "length"  # the budget ran out mid-call: as far as it got
+        call = parse_partial_call(outcome.text) if cut else parse_call(outcome.text)
         function = {"name": call.name, "arguments": call.arguments}
         return [{"id": call.id, "type": "function", "function": function}]
 

@@ -566,3 +566,41 @@ def test_browsers_on_loopback_read_replies(server: Served) -> None:
 def test_a_wrong_method_says_which_are_allowed(server: Served) -> None:
     r = httpx.get(f"{server.v1}/chat/completions")
     assert r.status_code == 405 and "POST" in r.headers["allow"]
+
+
+class Item(pydantic.BaseModel):
+    sku: str = pydantic.Field(max_length=8)
+    qty: int
+
+
+class Order(pydantic.BaseModel):
+    items: list[Item] = pydantic.Field(max_length=2)
+
+
+class Tree(pydantic.BaseModel):
+    label: str = pydantic.Field(max_length=6)
+    children: list[Tree] = pydantic.Field(default=[], max_length=1)
+
+
+@pytest.mark.parametrize("model", [Order, Tree])
+def test_a_pydantic_model_with_sub_models_is_a_tool(
+    client: openai.OpenAI, model: type[pydantic.BaseModel]
+) -> None:
+    """`openai.pydantic_function_tool` writes nested models as `$defs` with `$ref`s from the
+    parameters' root (and a recursive one as a `$ref` to itself): the call's arguments hold to
+    the whole schema."""
+    tool = openai.pydantic_function_tool(model)
+    name = tool["function"]["name"]
+    r = client.chat.completions.create(
+        model="x",
+        messages=HELLO,
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": name}},
+        max_tokens=400,
+        temperature=0,
+    )
+    assert r.choices[0].finish_reason == "tool_calls", r.choices[0]
+    call = r.choices[0].message.tool_calls[0]  # type: ignore[index]
+    arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
+    jsonschema.validate(arguments, tool["function"]["parameters"])
+    model.model_validate(arguments)

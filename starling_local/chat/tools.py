@@ -68,18 +68,56 @@ def call_grammar(functions: Sequence[Function]) -> Grammar:
     if not functions:
         raise UsageError("no function to call")
     choices = []
-    for f in functions:
+    defs: dict[str, Any] = {}
+    for i, f in enumerate(functions):
         check_schema(f.parameters, f"tools[{f.name}].function.parameters")
+        arguments = _hoist_definitions(f.parameters, f"fn{i}-", defs)
         choices.append(
             {
                 "type": "object",
-                "properties": {"name": {"const": f.name}, "arguments": f.parameters},
+                "properties": {"name": {"const": f.name}, "arguments": arguments},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
         )
-    schema = choices[0] if len(choices) == 1 else {"anyOf": choices}
+    schema: dict[str, Any] = choices[0] if len(choices) == 1 else {"anyOf": choices}
+    if defs:
+        schema = {**schema, "$defs": defs}
     return schema_grammar(schema)
+
+
+def _hoist_definitions(parameters: dict[str, Any], prefix: str, defs: dict[str, Any]) -> Any:
+    """`parameters` made to work one level down (as a call's `arguments`): its `$defs` (and
+    `definitions`) move to the root under names of their own, each `$ref` follows them, and a
+    `$ref` to its own root ("#", a recursive model) points at a copy kept in the root's `$defs`.
+    Pydantic writes every nested model this way, so without it any model with a sub-model
+    fails as a tool."""
+    own = {k: v for k, v in parameters.items() if k not in ("$defs", "definitions")}
+    local = {**parameters.get("definitions", {}), **parameters.get("$defs", {})}
+    root_name = f"{prefix}root"
+
+    def rewrite(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {k: rewrite(v) for k, v in node.items()}
+            ref = node.get("$ref")
+            if isinstance(ref, str):
+                if ref == "#":
+                    out["$ref"] = f"#/$defs/{root_name}"
+                for base in ("#/$defs/", "#/definitions/"):
+                    if ref.startswith(base):
+                        out["$ref"] = f"#/$defs/{prefix}{ref[len(base) :]}"
+            return out
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for name, schema in local.items():
+        defs[f"{prefix}{name}"] = rewrite(schema)
+    arguments = rewrite(own)
+    if '"$ref": "#"' in json.dumps(parameters):
+        defs[root_name] = arguments
+        return {"$ref": f"#/$defs/{root_name}"}
+    return arguments
 
 
 def parse_call(text: str) -> ToolCall:

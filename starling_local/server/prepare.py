@@ -41,6 +41,7 @@ def chat_call(
     check_bias(req.generation, engine.vocab_size)
     if req.wants_call:
         with_tool_call(req)
+    check_grammar(req.generation, engine)
     budget(req.generation, engine.n_ctx)
     client = request.headers.get("x-starling-client") or req.user
     log_fields(request, req.generation, tools=len(req.tools), tool_choice=req.tool_choice)
@@ -84,6 +85,21 @@ def as_api_error(exc: Exception) -> APIError:
     if isinstance(exc, StarlingError):
         return APIError(500, str(exc), kind="server_error")
     return APIError(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+
+def check_grammar(generation: Generation, engine: EngineLike) -> None:
+    """A grammar llama.cpp will not parse is the request's 400 now, not a failed reply later
+    (a remote engine checks its own)."""
+    grammar = generation.settings.sampling.grammar
+    check = getattr(engine, "check_grammar", None)
+    if grammar is None or check is None:
+        return
+    try:
+        check(grammar)
+    except StarlingError as exc:
+        raise invalid(
+            f"the schema's grammar was refused: {exc}", code="unsupported_schema"
+        ) from None
 
 
 def check_bias(generation: Generation, vocab_size: int) -> None:

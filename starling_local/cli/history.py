@@ -155,8 +155,10 @@ def _backups(action: str, args: argparse.Namespace) -> int:
         for b in found:
             print(f"{b.made:%Y-%m-%d %H:%M:%S}  {human_bytes(b.size):>10}  {b.path}")
         return 0
-    used, aside = restore(database, args.file)
-    print(f"restored {used}")
-    if aside is not None:
-        print(f"the previous file is kept as {aside}", file=sys.stderr)
+    done = restore(database, args.file)
+    for path, why in done.passed_over:
+        print(f"passed over {path.name}: {why}", file=sys.stderr)
+    print(f"restored {done.used}")
+    if done.aside is not None:
+        print(f"the previous file is kept as {done.aside}", file=sys.stderr)
     return 0

@@ -604,3 +604,133 @@ def test_a_pydantic_model_with_sub_models_is_a_tool(
     arguments = json.loads(call.function.arguments)  # type: ignore[union-attr]
     jsonschema.validate(arguments, tool["function"]["parameters"])
     model.model_validate(arguments)
+
+
+# --- the Responses API ---------------------------------------------------------------------------
+
+
+def test_responses_create_plain_and_token_exact(client: openai.OpenAI) -> None:
+    r = client.responses.create(model="starling", input="Hello", max_output_tokens=6)
+    assert r.status == "incomplete" and r.incomplete_details is not None
+    assert r.usage is not None and r.usage.input_tokens == len(CARD_SINGLE)
+    assert r.usage.output_tokens == 6 and r.output_text
+    chat = client.chat.completions.create(model="x", messages=HELLO, max_tokens=6, temperature=0)
+    same = client.responses.create(
+        model="x", input=[{"role": "user", "content": "Hello"}], max_output_tokens=6, temperature=0
+    )
+    assert same.output_text == chat.choices[0].message.content
+    told = client.responses.create(
+        model="x", input="Hello", instructions="Be brief.", max_output_tokens=2
+    )
+    assert told.usage is not None and told.usage.input_tokens > len(CARD_SINGLE)
+
+
+def test_responses_stream_the_documented_events(client: openai.OpenAI) -> None:
+    events = list(
+        client.responses.create(
+            model="x", input="Hello", max_output_tokens=6, temperature=0, stream=True
+        )
+    )
+    kinds = [e.type for e in events]
+    assert kinds[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert kinds[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    whole = client.responses.create(model="x", input="Hello", max_output_tokens=6, temperature=0)
+    assert deltas == whole.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    with client.responses.stream(model="x", input="Hello", max_output_tokens=4) as stream:
+        final = stream.get_final_response()
+    assert final.usage is not None and final.usage.output_tokens == 4
+
+
+class Flag(pydantic.BaseModel):
+    ok: bool
+
+
+def test_responses_parse_and_function_calls_round_trip(client: openai.OpenAI) -> None:
+    parsed = client.responses.parse(model="x", input="ok?", text_format=Flag, max_output_tokens=64)
+    assert isinstance(parsed.output_parsed, Flag)
+    tool = {
+        "type": "function",
+        "name": "weather",
+        "description": "the weather",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 8}},
+            "required": ["city"],
+            "additionalProperties": False,
+        },
+    }
+    r = client.responses.create(
+        model="x",
+        input="Weather in Paris?",
+        tools=[tool],  # type: ignore[list-item]
+        tool_choice={"type": "function", "name": "weather"},
+        max_output_tokens=64,
+    )
+    call = r.output[0]
+    assert call.type == "function_call" and call.name == "weather"
+    assert set(json.loads(call.arguments)) == {"city"}
+    follow = client.responses.create(
+        model="x",
+        max_output_tokens=4,
+        input=[
+            {"role": "user", "content": "Weather in Paris?"},
+            {
+                "type": "function_call",
+                "call_id": call.call_id,
+                "name": "weather",
+                "arguments": call.arguments,
+            },
+            {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+        ],
+    )  # type: ignore[list-item]
+    assert follow.output[0].type == "message" and follow.usage is not None
+    assert follow.usage.input_tokens > 30
+    for bad in (
+        {"previous_response_id": "resp_1"},
+        {"store": True},
+        {"tools": [{"type": "web_search"}]},
+    ):
+        with pytest.raises(openai.BadRequestError):
+            client.responses.create(model="x", input="Hi", **bad)  # type: ignore[arg-type]
+
+
+def test_the_agents_sdk_runs_on_the_responses_api(eager_gguf: Path, tmp_path: Path) -> None:
+    """The openai Agents SDK (its Responses model): a plain turn, and a tool it is made to
+    call, run, and stop on. The eager model ends its turns (the Agents SDK takes a reply cut
+    at max_tokens as a failure)."""
+    agents = pytest.importorskip("agents")
+    from openai import AsyncOpenAI
+
+    agents.set_tracing_disabled(True)
+
+    @agents.function_tool
+    def weather(city: str) -> str:
+        """The weather in a city."""
+        return "sunny"
+
+    with serve(eager_gguf, tmp_path) as s:
+        client = AsyncOpenAI(base_url=s.v1, api_key="unused", max_retries=0)
+        model = agents.OpenAIResponsesModel(model="starling", openai_client=client)
+        plain = agents.Agent(name="plain", instructions="Be brief.", model=model)
+        assert isinstance(agents.Runner.run_sync(plain, "Hello").final_output, str)
+        caller = agents.Agent(
+            name="caller",
+            model=model,
+            tools=[weather],
+            model_settings=agents.ModelSettings(tool_choice="weather", max_tokens=1024),
+            tool_use_behavior="stop_on_first_tool",
+        )
+        assert agents.Runner.run_sync(caller, "Weather in Paris?").final_output == "sunny"

@@ -39,6 +39,7 @@ from starling_local.chat.template import Mode, render_tokens
 from starling_local.engine.interface import EngineLike
 from starling_local.engine.remote import RemoteEngine
 from starling_local.errors import StarlingError
+from starling_local.server import responses_api
 from starling_local.server.guard import BrowserGuard, RequestLog
 from starling_local.server.model_slot import Lease, ModelSlot
 from starling_local.server.ollama import OllamaAPI
@@ -62,6 +63,7 @@ from starling_local.server.protocol import (
     parse_json,
 )
 from starling_local.server.responses import ChatFormatter, CompletionFormatter, Formatter, usage
+from starling_local.server.responses_api import ResponseWriter
 from starling_local.server.run import Call, Piece, WorkerReply
 
 OWNER = "starling-local"
@@ -422,6 +424,52 @@ def make_app(server: StarlingServer) -> Starlette:
             )
             return await _respond(scope, request, req.generation, call, formatter)
 
+    async def responses(request: Request) -> Response:
+        body = await server.body(request)
+        req = parse_chat(responses_api.chat_body(body), server.config.settings)
+        async with server.leased() as scope:
+            engine = server.engine()
+            writer = ResponseWriter(server.config.model_id, body, req.wants_call)
+            call = chat_call(server.service, engine, req, request, save=server.config.save)
+            run = scope.start(request, call)
+        events = run.events()
+        started = await anext(events)  # errors before the reply starts keep their status
+        assert isinstance(started, ReplyStart)
+        if not req.generation.stream:
+            outcome: ReplyOutcome | None = None
+            async for item in events:
+                if isinstance(item, ReplyOutcome):
+                    outcome = item
+            assert outcome is not None
+            request.state.usage = usage(outcome)
+            check_finished(outcome)
+            return JSONResponse(writer.whole(outcome))
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                for event in writer.first():
+                    yield event
+                async for item in events:
+                    if isinstance(item, ReplyOutcome):
+                        request.state.usage = usage(item)
+                        check_finished(item)
+                        for event in writer.last(item):
+                            yield event
+                    elif isinstance(item, Piece):
+                        delta = writer.piece(item.text)
+                        if delta is not None:
+                            yield delta
+            except Exception as exc:  # after the headers: the error goes in the stream
+                yield writer.error(as_api_error(exc).message)
+            finally:
+                await events.aclose()
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     async def tokenize(request: Request) -> Response:
         body = await server.body(request)
         async with server.leased():
@@ -473,6 +521,7 @@ def make_app(server: StarlingServer) -> Starlette:
             Route(f"{prefix}/models/{{model:path}}", endpoint(model), methods=["GET"]),
             Route(f"{prefix}/chat/completions", endpoint(chat), methods=["POST"]),
             Route(f"{prefix}/completions", endpoint(completions), methods=["POST"]),
+            Route(f"{prefix}/responses", endpoint(responses), methods=["POST"]),
         ]
     routes += [
         Route("/tokenize", endpoint(tokenize), methods=["POST"]),

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import httpx2 as httpx
 import jsonschema
@@ -717,7 +717,7 @@ def test_the_agents_sdk_runs_on_the_responses_api(eager_gguf: Path, tmp_path: Pa
     agents.set_tracing_disabled(True)
 
     @agents.function_tool
-    def weather(city: str) -> str:
+    def weather(city: Annotated[str, pydantic.Field(max_length=8)]) -> str:
         """The weather in a city."""
         return "sunny"
 
@@ -730,7 +730,9 @@ def test_the_agents_sdk_runs_on_the_responses_api(eager_gguf: Path, tmp_path: Pa
             name="caller",
             model=model,
             tools=[weather],
-            model_settings=agents.ModelSettings(tool_choice="weather", max_tokens=1024),
+            model_settings=agents.ModelSettings(
+                tool_choice="weather", max_tokens=256, temperature=0
+            ),
             tool_use_behavior="stop_on_first_tool",
         )
         assert agents.Runner.run_sync(caller, "Weather in Paris?").final_output == "sunny"

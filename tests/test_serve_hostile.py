@@ -311,3 +311,62 @@ def test_a_remote_killed_mid_stream_ends_with_an_error_event(tiny_q4: Path, tmp_
     finally:
         remote.kill()
         remote.wait(20)
+
+
+def test_stalled_bodies_are_evicted_and_timed_out(tiny_q4: Path, tmp_path: Path) -> None:
+    """600 clients that send a request head and one byte of its body: they count toward the
+    connection cap and make room like idle ones, so /health keeps answering; and a body that
+    never arrives is dropped after the body timeout (30 s)."""
+    process = _start(tiny_q4, tmp_path, "--quiet", nofile=256)
+    stalled: list[socket.socket] = []
+    try:
+        url = _url_of(process)
+        port = int(url.rsplit(":", 1)[1])
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")  # fmt: skip
+        first = socket.create_connection(("127.0.0.1", port), timeout=5)
+        first.sendall(head)
+        t0 = time.monotonic()
+        for _ in range(600):
+            s = socket.create_connection(("127.0.0.1", port), timeout=5)
+            s.sendall(head)
+            stalled.append(s)
+        start = time.perf_counter()
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+        assert time.perf_counter() - start < 2.0
+        # The first one was evicted to make room, or is closed by the body timeout.
+        first.settimeout(45)
+        try:
+            closed = first.recv(1024) == b""
+        except OSError:
+            closed = True
+        assert closed and time.monotonic() - t0 < 45
+    finally:
+        for s in stalled:
+            s.close()
+        process.terminate()
+        process.wait(20)
+
+
+def test_a_body_that_never_arrives_is_dropped(tiny_q4: Path, tmp_path: Path) -> None:
+    process = _start(tiny_q4, tmp_path, "--quiet")
+    try:
+        url = _url_of(process)
+        port = int(url.rsplit(":", 1)[1])
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                  b"Content-Length: 100\r\n\r\n{")  # fmt: skip
+        t0 = time.monotonic()
+        s.settimeout(60)
+        try:
+            data = s.recv(1024)
+        except OSError:
+            data = b""
+        took = time.monotonic() - t0
+        s.close()
+        assert data == b""  # closed, without a reply
+        assert 25 < took < 50, took
+        assert httpx.get(f"{url}/health", timeout=5).status_code == 200
+    finally:
+        process.terminate()
+        process.wait(20)

@@ -4,9 +4,11 @@ uvicorn closes idle keep-alive connections (`timeout_keep_alive`) but has no tim
 request head and no cap on open connections: 1,000 idle sockets, or 20 clients sending their
 headers a byte at a time, stay open, and past the descriptor limit `accept` fails for everyone
 (`/health` included). `GuardedH11` adds both at the protocol layer: a head must arrive within
-`HEAD_TIMEOUT_S` of the connection (or of the last response), and past `max_connections` the
-connection that has waited longest without a request in flight is closed to make room (the
-new one itself when every connection is busy).
+`HEAD_TIMEOUT_S` of the connection (or of the last response), its body within `BODY_TIMEOUT_S`
+of the head, and past `max_connections` the connection that has waited longest without a
+request being served (no head yet, or a body still coming) is closed to make room (the new one
+itself when every connection is busy). So 600 clients that send a head and one byte of body
+cannot lock the others out.
 
 `StoppingServer` makes SIGTERM and SIGINT a clean stop: stop accepting, let `on_stop` cancel
 the replies (running and queued), finish within the graceful timeout, exit 0; a second signal
@@ -29,6 +31,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 HEAD_TIMEOUT_S = 10.0
+BODY_TIMEOUT_S = 30.0
 KEEP_ALIVE_S = 5
 GRACEFUL_S = 4
 #: Descriptors kept free for everything that is not a connection (model, database, logs).
@@ -51,18 +54,21 @@ class GuardedH11(H11Protocol):
 
     max_connections = DEFAULT_MAX_CONNECTIONS
     head_timeout = HEAD_TIMEOUT_S
+    body_timeout = BODY_TIMEOUT_S
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._waiting_since = self.loop.time()
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_cycle: Any = None
+        self._body_since = 0.0
         if len(self.connections) > self.max_connections:
             idle = [
                 c
                 for c in self.connections
                 if isinstance(c, GuardedH11)
                 and c is not self
-                and c._idle()
+                and (c._idle() or c._awaiting_body())
                 and not c.transport.is_closing()
             ] or [self]
             oldest = min(idle, key=lambda c: c._waiting_since)
@@ -75,17 +81,36 @@ class GuardedH11(H11Protocol):
         """Waiting for a request head (none in flight)."""
         return self.cycle is None or self.cycle.response_complete
 
+    def _awaiting_body(self) -> bool:
+        """A request head came, and its body has not all arrived (nor a response started)."""
+        cycle = self.cycle
+        return (
+            cycle is not None
+            and cycle.more_body
+            and not cycle.response_started
+            and not cycle.response_complete
+        )
+
     def _arm(self, delay: float) -> None:
         self._head_timer = self.loop.call_later(delay, self._check_head)
 
     def _check_head(self) -> None:
         if self.transport.is_closing():
             return
-        waited = self.loop.time() - self._waiting_since
+        now = self.loop.time()
+        waited = now - self._waiting_since
         if self._idle() and waited >= self.head_timeout:
             self.transport.close()  # no request head in time (idle, or sent a byte at a time)
             return
+        if self._awaiting_body() and now - self._body_since >= self.body_timeout:
+            self.transport.close()  # the body did not arrive in time
+            return
         self._arm(self.head_timeout - waited if self._idle() else self.head_timeout)
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self.cycle is not None and self.cycle is not self._body_cycle:
+            self._body_cycle, self._body_since = self.cycle, self.loop.time()  # a head came
 
     def on_response_complete(self) -> None:
         self._waiting_since = self.loop.time()

@@ -7,7 +7,7 @@ import threading
 from dataclasses import replace
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from starling_local.chat.context import ContextOverflowError
@@ -74,6 +74,8 @@ def as_api_error(exc: Exception) -> APIError:
     """The client's mistakes are 4xx; everything else (the engine, a remote, the store) 5xx."""
     if isinstance(exc, APIError):
         return exc
+    if isinstance(exc, ClientDisconnect):  # gone mid-body: logged as nginx logs it
+        return APIError(499, "the client closed the connection", kind="client_closed")
     if isinstance(exc, ContextOverflowError):
         return invalid(str(exc), "messages", "context_length_exceeded")
     if isinstance(exc, UsageError | GrammarError):

@@ -427,3 +427,8 @@ def test_bench_runs_end_to_end(tiny_q4: Path, tmp_path: Path, starling_home: Pat
     assert "raw llama.cpp" in r.stdout and "resume" in r.stdout and "alternating" in r.stdout
     assert "JSON-schema grammar" in r.stdout
     assert "branch a" in r.stdout
+
+
+def test_chat_with_a_conversation_that_does_not_exist_is_one_line(tmp_path: Path) -> None:
+    r = starling("chat", "--conversation", "999", home=tmp_path)
+    assert_one_line_error(r, 2, "no conversation 999")

@@ -92,3 +92,25 @@ async def test_escape_stops_a_reply_and_keeps_it_marked_stopped(
         reply = store.get(store.conversations()[0].id).messages[-1]
         assert reply.role == "assistant" and reply.stop_reason == "cancelled"
         assert s.chat.last("assistant").note == "stopped"  # type: ignore[union-attr]
+
+
+async def test_f6_and_f7_copy_while_the_message_box_has_focus(
+    scripted: ScriptedEngine, store: ConversationStore
+) -> None:
+    """Textual's TextArea binds F6 (select line) and F7 (select all); the message box always
+    has focus, so the app's copy keys must come first."""
+    scripted.then(" Here:\n\n```python\nprint(1)\n```\n")
+    app = app_on(scripted, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "Code please")
+        box = screen(app).query_one(TextArea)
+        box.focus()
+        await pilot.pause()
+        assert app.focused is box
+        await pilot.press("f6")
+        await pilot.pause()
+        assert app.clipboard.startswith("Here:") and "print(1)" in app.clipboard
+        await pilot.press("f7")
+        await pilot.pause()
+        assert app.clipboard == "print(1)\n"

@@ -26,5 +26,19 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from starling_local.tui.app import run_app
 
-    run_app(engine_spec(args), conversation_id=getattr(args, "conversation", None))
+    conversation = getattr(args, "conversation", None)
+    if conversation is not None:
+        _check_conversation(conversation)  # one line and exit 2, before the app takes the screen
+    run_app(engine_spec(args), conversation_id=conversation)
     return 0
+
+
+def _check_conversation(conversation_id: int) -> None:
+    """NotFoundError (a usage error) for an id the history does not have."""
+    from starling_local.store.conversations import ConversationStore
+
+    store = ConversationStore()
+    try:
+        store.get(conversation_id)
+    finally:
+        store.close()

@@ -40,8 +40,9 @@ class ChatScreen(ReplyStreaming):
         Binding("ctrl+l", "edit_last", "Edit last", id="edit"),
         Binding("ctrl+r", "rename", "Rename", id="rename"),
         Binding("f8", "delete", "Delete", id="delete"),
-        Binding("f6", "copy_reply", "Copy reply", id="copy"),
-        Binding("f7", "copy_code", "Copy code", id="copy_code", show=False),
+        # priority: the message box (a TextArea) binds F6 and F7 itself (select line, all)
+        Binding("f6", "copy_reply", "Copy reply", id="copy", priority=True),
+        Binding("f7", "copy_code", "Copy code", id="copy_code", show=False, priority=True),
         Binding("ctrl+t", "toggle_mode", "Chat/Code", id="mode"),
         Binding("f2", "system_prompt", "System", id="system"),
         Binding("f3", "settings", "Sampling", id="settings"),

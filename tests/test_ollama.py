@@ -493,3 +493,20 @@ def test_langchain_binds_tools_and_the_key_guards_the_ollama_routes(
         reply = llm.bind_tools([weather]).invoke("Weather in Paris?")
         assert reply.response_metadata["done_reason"] in ("stop", "length")
         assert reply.tool_calls == []  # tools under auto are not offered (see the README)
+
+
+def test_logprobs_come_with_each_piece(client: ollama.Client) -> None:
+    parts = list(
+        client.chat(
+            model="starling",
+            messages=[{"role": "user", "content": "Hello"}],
+            stream=True,
+            logprobs=True,
+            top_logprobs=2,
+            options={"num_predict": 4, "temperature": 0},
+        )
+    )
+    entries = [lp for p in parts if p.logprobs for lp in p.logprobs]
+    assert len(entries) == 4
+    assert all(e.logprob <= 0 and len(e.top_logprobs or []) == 2 for e in entries)
+    assert entries[0].top_logprobs[0].logprob >= entries[0].top_logprobs[1].logprob  # type: ignore[index]

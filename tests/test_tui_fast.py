@@ -114,3 +114,35 @@ async def test_f6_and_f7_copy_while_the_message_box_has_focus(
         await pilot.press("f7")
         await pilot.pause()
         assert app.clipboard == "print(1)\n"
+
+
+async def test_typed_lines_search_matches_and_the_edit_cursor_show_as_typed(
+    scripted: ScriptedEngine, store: ConversationStore
+) -> None:
+    """A two-line message shows on two lines; a search snippet keeps its matched word (the
+    store marks it `[word]`, which Rich would take for markup); Ctrl+L's editor opens with the
+    cursor after the text."""
+    from textual.widgets import Label
+    from textual.widgets._markdown import MarkdownParagraph
+
+    from starling_local.tui.screens.dialogs import TextScreen
+    from starling_local.tui.widgets.sidebar import ConversationItem
+
+    scripted.then(" Sure.", " Again.")
+    app = app_on(scripted, store)
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot, app)
+        await send(pilot, app, "line one\nline two about quicksort")
+        mine = next(v for v in views(app) if v.role == "user")
+        await until(pilot, lambda: bool(mine.query(MarkdownParagraph)))
+        await pilot.pause()
+        assert mine.query_one(MarkdownParagraph).size.height == 2
+        await screen(app).refresh_sidebar("quicksort")
+        await pilot.pause()
+        item = screen(app).query(ConversationItem).first()
+        detail = item.query(Label).last()
+        assert "[quicksort]" in str(detail.render())
+        await pilot.press("ctrl+l")
+        await until(pilot, lambda: isinstance(app.screen, TextScreen))
+        editor = app.screen.query_one(TextArea)
+        assert editor.cursor_location == editor.document.end

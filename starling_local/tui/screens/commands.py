@@ -286,7 +286,8 @@ class ConversationCommands(Screen[None]):
                 self.app.copy_to_clipboard(blocks[n - 1])
                 self.notify(f"Copied code block {n}.")
             else:
-                self.notify(f"The message has {len(blocks)} code blocks.")
+                count = len(blocks)
+                self.notify(f"The message has {count} code block{'' if count == 1 else 's'}.")
         elif cid is None or message_id is None or self.generating:
             self.notify("Wait for the reply to finish (or stop it) first.")
         elif action == "branch":

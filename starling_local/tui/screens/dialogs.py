@@ -55,6 +55,15 @@ class TextScreen(ModalScreen[str | None]):
                 yield Button("Save", variant="primary", id="save")
                 yield Button("Cancel", id="cancel")
 
+    def on_mount(self) -> None:
+        """The cursor at the end of the text: editing usually adds to it."""
+        widget = self.query_one("#text")
+        widget.focus()
+        if isinstance(widget, TextArea):
+            widget.move_cursor(widget.document.end)
+        elif isinstance(widget, Input):
+            widget.cursor_position = len(widget.value)
+
     def _value(self) -> str:
         widget = self.query_one("#text")
         return widget.text if isinstance(widget, TextArea) else widget.value  # type: ignore[attr-defined]

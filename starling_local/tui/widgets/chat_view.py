@@ -28,6 +28,19 @@ starling chat --model PATH.gguf          # a file you already have
 NOTES = {"cancelled": "stopped", "length": "max tokens reached", "error": "error"}
 
 
+def hard_breaks(text: str) -> str:
+    """A typed message as Markdown that keeps its line breaks (Markdown joins single newlines
+    into one paragraph); code fences are left as they are."""
+    lines, fenced = [], False
+    for line in text.split("\n"):
+        if line.lstrip().startswith(("```", "~~~")):
+            fenced = not fenced
+        elif not fenced and line.strip():
+            line += "  "  # Markdown's hard line break
+        lines.append(line)
+    return "\n".join(lines)
+
+
 class MessageView(Vertical, can_focus=True):
     """A message with a small header (who, and a note such as "stopped"). Focused (a click, or
     Ctrl+Up from the message box and Up/Down between messages), its keys act on it."""
@@ -78,7 +91,8 @@ class MessageView(Vertical, can_focus=True):
     def compose(self):  # type: ignore[no-untyped-def]
         who = {"user": "You", "assistant": "Starling", "notice": "starling-local"}[self.role]
         yield Label(f"{who}{'  · ' + self.note if self.note else ''}", classes="who")
-        yield Markdown(self.content, classes="body")
+        text = hard_breaks(self.content) if self.role == "user" else self.content
+        yield Markdown(text, classes="body")
 
     @property
     def markdown(self) -> Markdown:

@@ -10,7 +10,9 @@ from textual.widgets import Input, Label, ListItem, ListView
 class ConversationItem(ListItem):
     def __init__(self, conversation_id: int, title: str, detail: str = "") -> None:
         super().__init__(
-            Label(title or "(untitled)", classes="title"), Label(detail, classes="detail")
+            Label(title or "(untitled)", classes="title", markup=False),
+            # A search snippet marks the match as [word]: text, not Rich markup.
+            Label(detail, classes="detail", markup=False),
         )
         self.conversation_id = conversation_id
 

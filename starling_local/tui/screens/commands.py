@@ -275,7 +275,8 @@ class ConversationCommands(Screen[None]):
     async def on_message_view_action(self, event: MessageView.Action) -> None:
         view, action = event.view, event.action
         cid, message_id = self.cid, view.message_id
-        text = view.markdown.source
+        # (a typed message's Markdown has hard breaks added; the copy is what was typed)
+        text = view.content if view.role == "user" else view.markdown.source
         if action == "copy":
             self.app.copy_to_clipboard(text)
             self.notify("Copied the message.")

@@ -31,13 +31,12 @@ NOTES = {"cancelled": "stopped", "length": "max tokens reached", "error": "error
 def hard_breaks(text: str) -> str:
     """A typed message as Markdown that keeps its line breaks (Markdown joins single newlines
     into one paragraph); code fences are left as they are."""
-    lines, fenced = [], False
-    for line in text.split("\n"):
+    lines, fenced = text.split("\n"), False
+    for i, line in enumerate(lines[:-1]):
         if line.lstrip().startswith(("```", "~~~")):
             fenced = not fenced
         elif not fenced and line.strip():
-            line += "  "  # Markdown's hard line break
-        lines.append(line)
+            lines[i] = line + "  "  # Markdown's hard line break
     return "\n".join(lines)
 
 

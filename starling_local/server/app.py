@@ -436,14 +436,7 @@ def make_app(server: StarlingServer) -> Starlette:
         started = await anext(events)  # errors before the reply starts keep their status
         assert isinstance(started, ReplyStart)
         if not req.generation.stream:
-            outcome: ReplyOutcome | None = None
-            async for item in events:
-                if isinstance(item, ReplyOutcome):
-                    outcome = item
-            assert outcome is not None
-            request.state.usage = usage(outcome)
-            check_finished(outcome)
-            return JSONResponse(writer.whole(outcome))
+            return JSONResponse(writer.whole(await _whole(request, events)))
 
         async def stream() -> AsyncIterator[str]:
             try:
@@ -563,6 +556,19 @@ def make_app(server: StarlingServer) -> Starlette:
     )
 
 
+async def _whole(request: Request, events: AsyncIterator[Any]) -> ReplyOutcome:
+    """The finished reply of a request answered in one body (an error if it failed or was
+    cancelled), its usage noted for the request log."""
+    outcome: ReplyOutcome | None = None
+    async for item in events:
+        if isinstance(item, ReplyOutcome):
+            outcome = item
+    assert outcome is not None
+    request.state.usage = usage(outcome)
+    check_finished(outcome)
+    return outcome
+
+
 async def _respond(
     scope: LeaseScope,
     request: Request,
@@ -578,14 +584,7 @@ async def _respond(
     assert isinstance(started, ReplyStart)
 
     if not generation.stream:
-        outcome: ReplyOutcome | None = None
-        async for item in events:
-            if isinstance(item, ReplyOutcome):
-                outcome = item
-        assert outcome is not None
-        request.state.usage = usage(outcome)
-        check_finished(outcome)
-        return JSONResponse(formatter.whole(outcome))
+        return JSONResponse(formatter.whole(await _whole(request, events)))
 
     async def stream() -> AsyncIterator[str]:
         try:

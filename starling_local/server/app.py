@@ -457,11 +457,7 @@ def make_app(server: StarlingServer) -> Starlette:
             finally:
                 await events.aclose()
 
-        return StreamingResponse(
-            stream(),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return _event_stream(stream())
 
     async def tokenize(request: Request) -> Response:
         body = await server.body(request)
@@ -606,8 +602,13 @@ async def _respond(
         finally:
             await events.aclose()
 
+    return _event_stream(stream())
+
+
+def _event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    """Server-sent events, unbuffered by proxies."""
     return StreamingResponse(
-        stream(),
+        events,
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
